@@ -86,6 +86,11 @@ class DataArguments:
     max_train_samples: int | None = _help("Use only the first N training rows (debugging/lab subsample).", default=None)
     max_eval_samples: int | None = _help("Use only the first N validation rows.", default=None)
     max_test_samples: int | None = _help("Use only the first N test dialogues.", default=None)
+    subsample_every: int | None = _help(
+        "Keep only rows whose index is a multiple of N, before the limits above (the lab used 100: "
+        "12,460/500/1,500 rows -> 125/5/15).",
+        default=None,
+    )
     group_by_length: bool = _help(
         "Batch training examples of similar length (seeded, random batch order): far less padding.", default=True
     )
@@ -379,7 +384,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--prompt_template has a bad placeholder: {exc}") from exc
     for name in ("max_source_length", "max_target_length"):
         _positive(name, getattr(d, name), allow_none=False)
-    for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+    for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "subsample_every"):
         _positive(name, getattr(d, name))
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "logging_steps"):

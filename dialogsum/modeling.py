@@ -1,0 +1,192 @@
+"""Model and tokenizer: load (hub id or local dir), LoRA wrapping, parameter report, save and reload."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dialogsum.config import LoraArguments
+from dialogsum.errors import UserError
+from dialogsum.hub import ensure_hub_reachable
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _check_source(name_or_path: str, what: str) -> None:
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{what} path is a file, expected a directory: {name_or_path}")
+        if not (path / "config.json").exists() and what == "model":
+            raise UserError(f"{name_or_path} is not a model directory (no config.json)")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"{what} directory not found: {name_or_path}")
+    ensure_hub_reachable(name_or_path, "model", hint="--model_name_or_path /path/to/local/model")
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Early, cheap check that a model can be loaded: a local seq2seq model dir or a reachable hub id."""
+    _check_source(name_or_path, "model")
+    if Path(name_or_path).is_dir():
+        config = json.loads((Path(name_or_path) / "config.json").read_text())
+        if not config.get("is_encoder_decoder", False):
+            arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
+            raise UserError(f"{name_or_path} is not a seq2seq (encoder-decoder) model ({arch}); "
+                            "use a T5/FLAN-T5 model")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """Load a tokenizer from a hub id or a local directory."""
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_model(name_or_path: str) -> torch.nn.Module:
+    """Load a pretrained seq2seq model (fp32 master weights; precision is the launcher's business)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    check_model_source(name_or_path)
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def model_from_config(config_dir: str, seed: int = 0) -> torch.nn.Module:
+    """The architecture of ``config_dir`` with random weights and its own (untied) ``lm_head``.
+
+    transformers 5.x ties ``lm_head`` to the embedding in ``from_config``; FLAN-T5 checkpoints have a separate
+    head (247,577,856 parameters for flan-t5-base), so the head gets its own random values here.
+    """
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    untie_lm_head(model)
+    return model
+
+
+def untie_lm_head(model: torch.nn.Module) -> None:
+    """Give ``lm_head`` its own parameter (random values) if it shares the input embedding's tensor."""
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    if head is not None and head.weight is embed.weight:
+        head.weight = torch.nn.Parameter(torch.randn_like(embed.weight) * embed.weight.std())
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            model._tied_weights_keys = None
+
+
+def apply_lora(model: torch.nn.Module, args: LoraArguments, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft); only adapter weights stay trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, target_modules=list(args.lora_target_modules),
+                        bias="none")
+    if gradient_checkpointing:
+        # with frozen embeddings no input requires grad, and checkpointed blocks would get no gradient
+        model.enable_input_require_grads()
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"--lora_target_modules {' '.join(args.lora_target_modules)}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward (less memory); caching is off while training."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())  # ZeRO-3 partitions parameters to size 0
+
+
+def parameter_report(model: torch.nn.Module) -> dict[str, Any]:
+    """Trainable and total parameter counts (shared tensors counted once) and the trainable percentage."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = _numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0}
+
+
+def describe_parameters(report: dict[str, Any]) -> str:
+    """One line like the lab's: trainable / all / percent."""
+    return (f"trainable model parameters: {report['trainable_params']:,} | all model parameters: "
+            f"{report['total_params']:,} | trainable: {report['trainable_percent']:.2f}%")
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT (LoRA) model."""
+    return hasattr(model, "peft_config")
+
+
+def save_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> float:
+    """Save the final model: full weights (safetensors) or only the LoRA adapter, plus the tokenizer.
+
+    Every process must call this: under DeepSpeed ZeRO-3 ``get_state_dict`` gathers the partitioned weights
+    (consolidated, so the folder loads with a plain ``from_pretrained``). Returns the weight files' size in MB.
+    """
+    out = Path(output_dir)
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True,
+                                  save_function=accelerator.save)
+        tokenizer.save_pretrained(str(out))
+    accelerator.wait_for_everyone()
+    return checkpoint_size_mb(out)
+
+
+def checkpoint_size_mb(directory: str | Path) -> float:
+    """Size of the weight files (model or adapter) in a directory, in MB (10^6 bytes)."""
+    files = [p for p in Path(directory).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    return round(sum(p.stat().st_size for p in files) / 1e6, 3)
+
+
+def load_for_inference(model_name_or_path: str, adapter_path: str | None = None) -> torch.nn.Module:
+    """Load a model for generation, optionally with a LoRA adapter on top (nothing trainable)."""
+    model = load_model(model_name_or_path)
+    if adapter_path:
+        model = load_adapter(model, adapter_path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_adapter(model: torch.nn.Module, adapter_path: str) -> torch.nn.Module:
+    """Put a saved LoRA adapter on ``model`` for inference; refuse a folder that is not an adapter."""
+    from peft import PeftModel
+
+    folder = Path(adapter_path)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_path} is not a LoRA adapter folder (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise UserError(f"adapter {adapter_path} does not fit this model (trained on {base}): "
+                        f"{str(exc).splitlines()[0][:200]}") from exc
