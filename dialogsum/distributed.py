@@ -1,0 +1,238 @@
+"""The Accelerator for whatever ``accelerate launch`` configured, with the traps of this stack closed.
+
+The same training code runs on one CPU, several CPU processes (gloo), one or many GPUs (DDP), DeepSpeed
+ZeRO-2/3, FSDP and several machines; only ``accelerate launch --config_file accelerate_configs/<x>.yaml``
+changes. Three things go wrong silently if left to defaults, and this module fixes or refuses each:
+
+* **One process instead of N.** ``accelerate launch --cpu --num_processes 2`` and a ``distributed_type:
+  MULTI_CPU`` config start ONE process, which then trains alone. A ``MULTI_GPU`` + ``use_cpu`` config starts N
+  processes that each believe they are alone. :func:`build_accelerator` compares the world size it got with
+  what the launcher was asked for and raises :class:`~dialogsum.errors.UserError` when they differ; processes
+  started without a GPU are put on the CPU backend (gloo) so that they really communicate.
+* **DeepSpeed on CPU** needs an explicit ``gloo`` backend, otherwise its batch-size check fails with a
+  misleading "train_batch_size is not equal to ..." error.
+* **Half the CPU.** The launcher exports ``OMP_NUM_THREADS=1`` to a single CPU process unless ``--cpu`` /
+  ``use_cpu`` is given; torch then uses one core. We give each process its share of the cores instead.
+
+:func:`finish` tears the process group down cleanly (gloo aborts at interpreter exit about one run in four
+otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
+
+from dialogsum.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+#: The launch that really gives N communicating CPU processes, quoted in error messages.
+MULTI_CPU_HINT = "accelerate launch --config_file accelerate_configs/multi_cpu.yaml"
+
+
+@dataclass
+class LaunchRequest:
+    """What the user asked ``accelerate launch`` for, read from the launcher's own command line."""
+
+    num_processes: int | None
+    """Total processes requested (all machines), or None when unknown."""
+    use_cpu: bool
+    """``--cpu`` or ``use_cpu: true`` in the config file."""
+    threads_explicit: bool
+    """The user chose the thread count (``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` set)."""
+    source: str
+    """Where the numbers come from, for messages (``accelerate launch`` command line, environment)."""
+
+
+def _launcher_argv() -> tuple[list[str], dict[str, str]] | None:
+    """Command line and environment of the parent ``accelerate launch`` process, if that is our parent."""
+    try:
+        import psutil
+
+        parent = psutil.Process(os.getppid())
+        argv = parent.cmdline()
+        try:
+            env = parent.environ()
+        except (psutil.AccessDenied, OSError):
+            env = {}
+    except Exception:  # noqa: BLE001 - no psutil, no /proc, process gone: we simply know less
+        return None
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg).startswith("accelerate") and i + 1 < len(argv) and argv[i + 1] == "launch":
+            return argv[i + 2 :], env
+        if arg == "accelerate.commands.launch" or arg.endswith("accelerate/commands/launch.py"):
+            return argv[i + 1 :], env
+    return None
+
+
+def _parse_launch_args(argv: list[str]) -> argparse.Namespace | None:
+    """Parse ``accelerate launch`` arguments with accelerate's own parser (None if it refuses them)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except SystemExit:
+        return None
+    return args
+
+
+def read_launch_request() -> LaunchRequest:
+    """Find out how many processes the user asked for (and whether on CPU).
+
+    The launcher's command line is the most faithful source: ``--num_processes`` wins, then the config file
+    (``--config_file`` or accelerate's default config). Without a launcher parent (``torchrun``, the DeepSpeed
+    launcher, SLURM), ``WORLD_SIZE`` is what was asked for.
+    """
+    env_world = os.environ.get("WORLD_SIZE")
+    from_env = LaunchRequest(
+        num_processes=int(env_world) if env_world and env_world.isdigit() else None,
+        use_cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"),
+        threads_explicit="OMP_NUM_THREADS" in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ,
+        source="environment (WORLD_SIZE)",
+    )
+    found = _launcher_argv()
+    if found is None:
+        return from_env
+    argv, parent_env = found
+    args = _parse_launch_args(argv)
+    if args is None:
+        return from_env
+    num_processes = args.num_processes
+    use_cpu = bool(args.cpu)
+    config_file = args.config_file
+    if config_file is None:
+        from accelerate.commands.config import default_config_file
+
+        if os.path.isfile(default_config_file) and not args.cpu:
+            config_file = default_config_file
+    if config_file is not None and os.path.isfile(config_file):
+        from accelerate.commands.config import load_config_from_file
+
+        try:
+            config = load_config_from_file(config_file)
+        except Exception:  # noqa: BLE001 - the launcher already accepted it; do not fail on our side
+            config = None
+        if config is not None:
+            if num_processes is None and getattr(config, "num_processes", None) not in (None, -1):
+                num_processes = int(config.num_processes)
+            use_cpu = use_cpu or bool(getattr(config, "use_cpu", False))
+    if num_processes is None:
+        num_processes = from_env.num_processes
+    return LaunchRequest(
+        num_processes=num_processes,
+        use_cpu=use_cpu or from_env.use_cpu,
+        threads_explicit=args.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in parent_env,
+        source="the `accelerate launch` command line and config file",
+    )
+
+
+def _gpu_available() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def _set_cpu_threads(request: LaunchRequest, local_world_size: int) -> None:
+    """Give this CPU process its share of the cores unless the user chose a thread count."""
+    share = max(1, _available_cores() // max(1, local_world_size))
+    current = torch.get_num_threads()
+    if request.threads_explicit:
+        logger.info("CPU threads per process: %d (set by the user)", current)
+        return
+    if current < share:
+        torch.set_num_threads(share)
+    logger.info(
+        "CPU threads per process: %d (%d cores / %d local processes)",
+        torch.get_num_threads(),
+        _available_cores(),
+        local_world_size,
+    )
+
+
+def build_accelerator(
+    gradient_accumulation_steps: int = 1,
+    log_with: list[str] | None = None,
+    project_dir: str | None = None,
+) -> Accelerator:
+    """Build the :class:`~accelerate.Accelerator` for the current launch, checked and tuned for CPU.
+
+    * Without a GPU, several processes run on the CPU backend (gloo), DeepSpeed included.
+    * Raises :class:`UserError` when the number of processes differs from what the launcher was asked for.
+    * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count.
+    """
+    request = read_launch_request()
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    on_cpu = not _gpu_available() or request.use_cpu
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs_handlers: list[Any] = []
+    if on_cpu and (env_world > 1 or deepspeed):
+        # gloo is the CPU collective backend; DeepSpeed on CPU fails without it being named explicitly.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        # cpu=True makes accelerate treat a multi-process CPU launch as MULTI_CPU instead of N lone processes.
+        # DeepSpeed must not get it: accelerate would then skip DeepSpeed's own initialisation.
+        cpu=on_cpu and not deepspeed,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=project_dir,
+        kwargs_handlers=kwargs_handlers,
+    )
+    requested = request.num_processes
+    if requested is not None and requested != accelerator.num_processes:
+        hint = f" To run {requested} communicating processes on CPU use: {MULTI_CPU_HINT}." if on_cpu else ""
+        raise UserError(
+            f"{requested} processes were requested (from {request.source}) but this run has "
+            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}); "
+            f"training would silently run alone.{hint}"
+        )
+    if accelerator.device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
+        _set_cpu_threads(request, local_world)
+    return accelerator
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    """True when DeepSpeed ZeRO-3 shards the parameters (``generate`` then needs ``synced_gpus=True``)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and int(plugin.zero_stage) == 3
+
+
+def topology(accelerator: Accelerator) -> dict[str, Any]:
+    """Where and how this run executes, for logs and ``metrics.json``."""
+    return {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+        "process_index": accelerator.process_index,
+        "device": str(accelerator.device),
+    }
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Wait for every process, end the trackers, then destroy the process group (safe on one process).
+
+    ``end_training`` already destroys the process group in accelerate >= 1.x, so the barrier must come first;
+    the explicit destroy afterwards covers older versions and notebook (fork) launches.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
