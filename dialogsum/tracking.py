@@ -1,0 +1,589 @@
+"""Experiment tracking: which trackers to use, what a run logs, and throughput/memory meters.
+
+The training pipeline uses this module in four places::
+
+    log_with = resolve_trackers(cfg.track.report_to)  # before the Accelerator exists
+    accelerator = Accelerator(log_with=log_with, project_config=tensorboard_project_config(output_dir))
+    start_tracking(accelerator, cfg, extra={"num_train_examples": n})  # one W&B run per job
+    accelerator.log({"train/loss": ..., **meter.rates(accelerator)}, step=step)  # the loop logs itself
+    finish_tracking(accelerator, metrics, predictions, param_report, output_dir, log_model, step=step)
+    accelerator.end_training()  # the pipeline closes the trackers
+
+W&B without an account: ``WANDB_MODE=offline`` writes the run under ``<dir>/wandb/offline-run-*`` (upload it
+later with ``wandb sync``), ``WANDB_MODE=disabled`` turns W&B off. With neither a mode nor credentials, W&B
+is dropped with one warning (see :func:`resolve_trackers`). Accelerate runs every tracker on the main process
+only, so a job gives one W&B run whatever its number of processes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import netrc
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+
+from dialogsum.config import REPORT_TO_CHOICES, Config
+from dialogsum.errors import ConfigError, UserError
+
+logger = logging.getLogger(__name__)
+
+#: Packages whose versions are logged with every run (absent ones are skipped).
+TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "wandb")
+#: Rows of the W&B predictions table (a seeded sample, kept in dataset order).
+PREDICTION_TABLE_ROWS = 50
+#: Rows of the predictions shown as Markdown text in TensorBoard.
+TENSORBOARD_TEXT_ROWS = 5
+#: The W&B server when nothing else is configured, and the host its Forge front end stands for.
+_WANDB_DEFAULT_HOSTS = ("api.wandb.ai",)
+#: Files of the output folder that are not part of a model/adapter artifact.
+_NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl"}
+
+WANDB_NO_LOGIN_MESSAGE = (
+    "W&B: no API key found (WANDB_API_KEY, ~/.netrc or `wandb login`) and WANDB_MODE is not set. "
+    "Run `wandb login` to log to your account, or `export WANDB_MODE=offline` to keep the run on disk "
+    "(upload it later with `wandb sync`), or `export WANDB_MODE=disabled` / `--report_to tensorboard|none` "
+    "to train without W&B."
+)
+
+
+# --------------------------------------------------------------------------------------------- trackers
+
+
+@dataclass(frozen=True)
+class WandbAccess:
+    """What this process knows about W&B before any run starts (nothing here touches the network)."""
+
+    installed: bool
+    #: ``online``, ``offline``, ``dryrun`` (= offline), ``disabled``, ... as W&B resolves ``WANDB_MODE``
+    #: and its settings files (``wandb offline`` writes one).
+    mode: str
+    #: An API key (or identity token) is configured: environment, netrc entry for the server, or settings.
+    has_credentials: bool
+
+    @property
+    def disabled(self) -> bool:
+        """W&B was switched off by the user (``WANDB_MODE=disabled``)."""
+        return self.mode == "disabled"
+
+    @property
+    def offline(self) -> bool:
+        """Runs are written to disk only; no account is needed."""
+        return self.mode in ("offline", "dryrun")
+
+    @property
+    def usable(self) -> bool:
+        """``wandb.init`` can start a run without asking for a login."""
+        return self.installed and not self.disabled and (self.offline or self.has_credentials)
+
+
+def _wandb_settings() -> tuple[str, str | None, str | None]:
+    """``(mode, base_url, api_key)`` resolved the way ``wandb`` does (settings files, then environment)."""
+    try:
+        import wandb
+
+        settings = wandb.Settings()
+        config_dir = os.environ.get("WANDB_CONFIG_DIR")
+        global_file = (
+            Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings")
+        )
+        settings.settings_system = str(global_file.expanduser())
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        return str(settings.mode), settings.base_url, settings.api_key
+    except Exception as exc:  # noqa: BLE001 - any change of wandb's settings API falls back to the environment
+        logger.debug("could not read W&B settings (%s); using the environment only", exc)
+        return os.environ.get("WANDB_MODE", "online"), os.environ.get("WANDB_BASE_URL"), None
+
+
+def _netrc_has_wandb_key(base_url: str | None) -> bool:
+    """True when the netrc file (``$NETRC`` or ``~/.netrc``) has a password for the W&B server."""
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    if not path.is_file():
+        return False
+    try:
+        entries = netrc.netrc(str(path))
+    except (netrc.NetrcParseError, OSError) as exc:
+        logger.debug("could not read %s: %s", path, exc)
+        return False
+    hosts = {urlsplit(base_url).netloc} if base_url else set()
+    hosts.update(_WANDB_DEFAULT_HOSTS)
+    for host in hosts:
+        creds = entries.authenticators(host) if host else None
+        if creds and creds[2]:
+            return True
+    return False
+
+
+def wandb_access() -> WandbAccess:
+    """Find out, offline and without starting W&B, whether a W&B run can start and in which mode."""
+    if importlib.util.find_spec("wandb") is None:
+        return WandbAccess(installed=False, mode="disabled", has_credentials=False)
+    mode, base_url, settings_key = _wandb_settings()
+    has_credentials = bool(
+        os.environ.get("WANDB_API_KEY")
+        or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+        or settings_key
+        or _netrc_has_wandb_key(base_url)
+    )
+    return WandbAccess(installed=True, mode=mode, has_credentials=has_credentials)
+
+
+def _is_launch_main_process() -> bool:
+    """Rank 0 of the job, read from the launcher's environment (the Accelerator may not exist yet)."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """Turn ``--report_to`` into the tracker names for ``Accelerator(log_with=...)``.
+
+    ``all`` means W&B and TensorBoard, ``none`` means no tracker. Call it before building the Accelerator.
+    W&B is listed first, so that a failure of ``wandb.init`` leaves no other tracker half started.
+
+    W&B without an account (decided on rank 0 only, the one process that talks to W&B):
+
+    * ``WANDB_MODE=offline`` (or ``dryrun``): kept; the run is written to disk.
+    * ``WANDB_MODE=disabled``: W&B is left out (one info line).
+    * no mode and no credentials (``WANDB_API_KEY``, a netrc entry or ``wandb login``):
+      with ``--report_to all`` (the default) W&B is dropped with one warning that says how to log in or go
+      offline, and training goes on with TensorBoard. With ``--report_to wandb`` the user asked for W&B
+      explicitly: a run whose dashboard silently never appears would waste the whole training, so this raises
+      :class:`UserError` at once, before any model or data is loaded.
+
+    A tracker whose package is not installed is dropped with a warning, or raises :class:`UserError` when it
+    was the one asked for.
+    """
+    if report_to not in REPORT_TO_CHOICES:
+        raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {report_to!r}")
+    wanted = {"all": ["wandb", "tensorboard"], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "none": []}
+    explicit = report_to != "all"
+    is_main = _is_launch_main_process()
+    trackers: list[str] = []
+    for name in wanted[report_to]:
+        if name == "tensorboard":
+            if (
+                importlib.util.find_spec("tensorboard") is None
+                and importlib.util.find_spec("tensorboardX") is None
+            ):
+                message = "TensorBoard is not installed (pip install tensorboard)"
+                if explicit:
+                    raise UserError(f"--report_to tensorboard: {message}")
+                if is_main:
+                    logger.warning("%s; logging without it.", message)
+                continue
+            trackers.append(name)
+            continue
+        if not is_main:
+            # Only the main process starts the W&B run; the others keep the name so that every process builds
+            # the same list (their W&B tracker never does anything).
+            if importlib.util.find_spec("wandb") is not None:
+                trackers.append(name)
+            continue
+        access = wandb_access()
+        if not access.installed:
+            if explicit:
+                raise UserError("--report_to wandb: wandb is not installed (pip install wandb)")
+            logger.warning("W&B is not installed (pip install wandb); logging without it.")
+        elif access.disabled:
+            logger.info("W&B is disabled by WANDB_MODE=disabled; logging without it.")
+        elif not access.usable:
+            if explicit:
+                raise UserError(f"--report_to wandb: {WANDB_NO_LOGIN_MESSAGE}")
+            logger.warning("%s Training continues without W&B.", WANDB_NO_LOGIN_MESSAGE)
+        else:
+            trackers.append(name)
+    return trackers
+
+
+def tensorboard_project_config(output_dir: str | Path) -> Any:
+    """An accelerate ``ProjectConfiguration`` that puts TensorBoard events under ``<output_dir>/tensorboard``.
+
+    Pass it as ``Accelerator(project_config=...)``; the events of a run land in
+    ``<output_dir>/tensorboard/<wandb_project>/``.
+    """
+    from accelerate.utils import ProjectConfiguration
+
+    return ProjectConfiguration(
+        project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tensorboard")
+    )
+
+
+# ------------------------------------------------------------------------------------------ run config
+
+
+def default_run_name(method: str) -> str:
+    """``<method>-<YYYYmmdd-HHMMSS>``, e.g. ``lora-20250101-120000``."""
+    return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_info(directory: str | Path | None = None) -> dict[str, Any]:
+    """``{"git_commit", "git_dirty"}`` of the repository holding the code; empty outside a git checkout."""
+    where = Path(directory) if directory is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(status.strip())}
+
+
+def package_versions(packages: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
+    """Installed versions of ``packages`` (missing ones are left out), plus Python's."""
+    versions = {"python": sys.version.split()[0]}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def launch_topology(accelerator: Any) -> dict[str, Any]:
+    """Processes, distributed type and precision of this launch (from the accelerate config/launcher)."""
+    distributed = accelerator.distributed_type
+    return {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": getattr(distributed, "value", str(distributed)),
+        "mixed_precision": str(accelerator.mixed_precision),
+        "device_type": accelerator.device.type,
+    }
+
+
+def run_config(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The flat config a run logs: every flag, the learning rate in force, effective batch size, git commit,
+    package versions (``version_<pkg>``), the launch topology, then ``extra`` (which wins on clashes)."""
+    config = cfg.to_dict()
+    config["learning_rate"] = cfg.learning_rate
+    topology = launch_topology(accelerator)
+    # e.g. 8 per device x 4 accumulation x 2 processes = 64 examples per optimizer step
+    config["effective_batch_size"] = (
+        cfg.train.per_device_train_batch_size
+        * cfg.train.gradient_accumulation_steps
+        * topology["num_processes"]
+    )
+    config.update(git_info())
+    config.update({f"version_{name}": version for name, version in package_versions().items()})
+    config.update(topology)
+    config.update(extra or {})
+    return config
+
+
+def hparams_safe(config: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
+    """Config for TensorBoard's hparams, which accept only scalars and strings.
+
+    Lists become ``"a, b"``, dicts JSON, None ``"None"``.
+    """
+    safe: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        if isinstance(value, (bool, int, float, str)):
+            safe[key] = value
+        elif isinstance(value, (list, tuple, set)):
+            safe[key] = ", ".join(str(v) for v in value)
+        elif isinstance(value, Mapping):
+            safe[key] = json.dumps(value, sort_keys=True, default=str)
+        else:
+            safe[key] = str(value)
+    return safe
+
+
+def _wandb_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        from wandb.errors import Error
+    except ImportError:
+        return (TimeoutError,)
+    return (Error, TimeoutError)
+
+
+def start_tracking(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None) -> None:
+    """Start the run of every tracker of ``accelerator`` and log the run config (:func:`run_config`).
+
+    One run per job: accelerate runs trackers on the main process only.
+    W&B gets the config with its real types (lists, None), a name (``--run_name`` or
+    :func:`default_run_name`),
+    ``--wandb_group``, ``--wandb_tags`` and its files under ``$WANDB_DIR`` or else ``--output_dir``.
+    TensorBoard gets the same config as hparams (:func:`hparams_safe`).
+
+    If ``wandb.init`` fails anyway (a rejected key, an unreachable server), the job goes on without W&B with a
+    warning, unless ``--report_to wandb`` asked for it explicitly (then :class:`UserError`).
+    """
+    if not accelerator.log_with:
+        return
+    run_name = cfg.track.run_name or default_run_name(cfg.method)
+    config = run_config(accelerator, cfg, extra)
+    config["run_name"] = run_name
+    wandb_kwargs: dict[str, Any] = {
+        "name": run_name,
+        "config": config,
+        "group": cfg.track.wandb_group,
+        "tags": list(cfg.track.wandb_tags) or None,
+        "job_type": "train",
+    }
+    if not os.environ.get("WANDB_DIR") and cfg.train.output_dir:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        wandb_kwargs["dir"] = str(cfg.train.output_dir)
+    project = cfg.track.wandb_project
+    try:
+        accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs})
+    except _wandb_error_types() as exc:
+        if cfg.track.report_to == "wandb":
+            raise UserError(f"--report_to wandb: W&B could not start a run: {exc}") from exc
+        logger.warning("W&B could not start a run (%s); training continues without W&B.", exc)
+        # wandb is first in log_with, so no other tracker was started: drop it and start the others.
+        accelerator.log_with = [t for t in accelerator.log_with if str(t) != "wandb"]
+        accelerator.trackers = []
+        accelerator.init_trackers(project, config=None)
+    for tracker in accelerator.trackers:
+        if tracker.name != "wandb":
+            tracker.store_init_configuration(hparams_safe(config))
+
+
+# ------------------------------------------------------------------------------------------- end of run
+
+
+def checkpoint_size_mb(output_dir: str | Path) -> float:
+    """Size on disk (MiB) of the saved weights: ``*.safetensors`` / ``*.bin`` at the top of ``output_dir``."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return 0.0
+    total = sum(
+        p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin")
+    )
+    return total / 2**20
+
+
+def sample_predictions(
+    predictions: Sequence[Mapping[str, Any]], rows: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """A seeded sample of ``rows`` predictions (in their original order) with a per-row ``rougeL`` (0..1).
+
+    ROUGE-L is taken from the row when present, otherwise computed with the project's scorer against all the
+    row's references (best match, the headline protocol of :mod:`dialogsum.metrics`).
+    """
+    indices = list(range(len(predictions)))
+    if len(indices) > rows:
+        indices = sorted(random.Random(seed).sample(indices, rows))
+    sample = [dict(predictions[i]) for i in indices]
+    missing = [row for row in sample if row.get("rougeL") is None]
+    if missing:
+        from dialogsum.metrics import score_examples
+
+        references = [list(row.get("references") or [row.get("reference", "")]) for row in missing]
+        references = [[r for r in refs if r] or [""] for refs in references]
+        scores = score_examples([str(row.get("prediction", "")) for row in missing], references)
+        for row, score in zip(missing, scores["multi_reference"]["rougeL"], strict=True):
+            row["rougeL"] = score
+    return sample
+
+
+def _markdown_cell(text: Any, limit: int = 300) -> str:
+    flat = re.sub(r"\s+", " ", str(text)).replace("|", "\\|").strip()
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _predictions_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| id | dialogue | reference | prediction | ROUGE-L |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {_markdown_cell(row.get('id', ''))} | {_markdown_cell(row.get('dialogue', ''))} "
+            f"| {_markdown_cell(row.get('reference', ''))} | {_markdown_cell(row.get('prediction', ''))} "
+            f"| {100 * float(row['rougeL']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _artifact_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+def finish_tracking(
+    accelerator: Any,
+    metrics: Mapping[str, Any],
+    predictions: Sequence[Mapping[str, Any]],
+    param_report: Mapping[str, Any],
+    output_dir: str | Path,
+    log_model: bool,
+    step: int | None = None,
+) -> None:
+    """Log the end of a run. Call on every process after the model and files are saved; does not end the run.
+
+    * every finite number of ``metrics`` is logged as ``final/<key>`` (W&B charts and TensorBoard scalars) at
+      ``step`` (the last optimizer step; None lets W&B take its next step and TensorBoard step 0);
+    * the W&B run summary gets the metrics (protocol sub-objects as nested dicts), the parameter report and
+      ``checkpoint_size_mb`` (measured in ``output_dir`` when not in ``metrics``);
+    * W&B table ``predictions``: a seeded sample of :data:`PREDICTION_TABLE_ROWS` rows (id, dialogue,
+      reference, prediction, ROUGE-L); TensorBoard gets the first rows of it as Markdown text;
+    * with ``log_model``, the top-level files of ``output_dir`` (weights or adapter, config, tokenizer, model
+      card, metrics) become a W&B artifact of type ``model``.
+
+    ``accelerator.end_training()`` stays with the caller.
+    """
+    if not accelerator.is_main_process or not accelerator.trackers:
+        return
+    final = {f"final/{key}": value for key, value in metrics.items() if _is_number(value)}
+    if final:
+        accelerator.log(final, step=step)
+    summary: dict[str, Any] = {key: value for key, value in metrics.items() if value is not None}
+    summary.update({key: value for key, value in param_report.items() if value is not None})
+    summary.setdefault("checkpoint_size_mb", checkpoint_size_mb(output_dir))
+    sample = sample_predictions(predictions, PREDICTION_TABLE_ROWS) if predictions else []
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            _finish_wandb(tracker.tracker, summary, sample, output_dir, log_model, metrics, step)
+        elif tracker.name == "tensorboard" and sample:
+            tracker.log({"predictions": _predictions_markdown(sample[:TENSORBOARD_TEXT_ROWS])}, step=step)
+
+
+def _finish_wandb(
+    run: Any,
+    summary: Mapping[str, Any],
+    sample: Sequence[Mapping[str, Any]],
+    output_dir: str | Path,
+    log_model: bool,
+    metrics: Mapping[str, Any],
+    step: int | None,
+) -> None:
+    import wandb
+
+    if sample:
+        columns = ["id", "dialogue", "reference", "prediction", "rougeL"]
+        table = wandb.Table(columns=columns, data=[[row.get(c, "") for c in columns] for row in sample])
+        run.log({"predictions": table}, step=step)
+    run.summary.update(dict(summary))
+    if log_model:
+        method = str(metrics.get("method", "model"))
+        artifact = wandb.Artifact(
+            name=_artifact_name(f"{run.name or run.id}-{method}"),
+            type="model",
+            description=f"dialogsum {method} fine-tune of {metrics.get('model_name_or_path', '?')}",
+            metadata={k: v for k, v in summary.items() if _is_number(v) or isinstance(v, str)},
+        )
+        for path in sorted(Path(output_dir).iterdir()):
+            if path.is_file() and path.name not in _NOT_IN_ARTIFACT:
+                artifact.add_file(str(path))
+        run.log_artifact(artifact, aliases=["latest", method])
+
+
+# --------------------------------------------------------------------------------------------- meters
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory of this process so far, in MiB.
+
+    On CUDA: the largest memory ever allocated by tensors on ``device`` (``torch.cuda.max_memory_allocated``).
+    Elsewhere: the process's peak resident set size (``getrusage``; KiB on Linux, bytes on macOS).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def count_real_tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of a seq2seq batch: the attention mask's ones plus labels that are not -100.
+
+    Returns a 0-d tensor on the batch's device (no host sync).
+    """
+    total = (
+        batch["attention_mask"].sum()
+        if "attention_mask" in batch
+        else torch.tensor(batch["input_ids"].numel())
+    )
+    if "labels" in batch:
+        total = total + (batch["labels"] != -100).sum()
+    return total
+
+
+class ThroughputMeter:
+    """Real tokens/s and samples/s over a logging window, with no host-device sync per step.
+
+    ``update`` adds the counts as tensors on the device; only ``rates`` reads them back, once per window::
+
+        meter = ThroughputMeter()
+        for batch in loader:
+            meter.update(count_real_tokens(batch), batch["input_ids"].shape[0])
+            ...
+            if step % logging_steps == 0:
+                accelerator.log({"loss": ..., **meter.rates(accelerator)}, step=step)
+
+    Counts are per process; ``rates(accelerator)`` sums them over processes (a collective: call it on every
+    process at the same step) so the figures are for the whole job.
+    """
+
+    def __init__(self) -> None:
+        self.total_tokens = 0
+        self.total_samples = 0
+        self.total_seconds = 0.0
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._tokens: torch.Tensor | int = 0
+        self._samples = 0
+        self._start = time.perf_counter()
+
+    def update(self, tokens: torch.Tensor | int, samples: int) -> None:
+        """Count one micro-batch: ``tokens`` real tokens (a tensor stays on its device), ``samples`` rows."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach()
+        self._tokens = self._tokens + tokens
+        self._samples += int(samples)
+
+    def rates(self, accelerator: Any | None = None) -> dict[str, float]:
+        """``{"tokens_per_s", "samples_per_s"}`` since the last call, job-wide with ``accelerator``.
+
+        Starts a new window.
+        """
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        distributed = accelerator is not None and accelerator.num_processes > 1
+        device = accelerator.device if distributed else torch.device("cpu")
+        counts = torch.stack(
+            [
+                torch.as_tensor(self._tokens, dtype=torch.float64, device=device),
+                torch.tensor(float(self._samples), dtype=torch.float64, device=device),
+            ]
+        )
+        if distributed:
+            counts = accelerator.reduce(counts, reduction="sum")
+        counts = counts.cpu()
+        tokens, samples = int(counts[0].item()), int(counts[1].item())
+        self.total_tokens += tokens
+        self.total_samples += samples
+        self.total_seconds += elapsed
+        self._reset_window()
+        return {"tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed}
+
+    def overall(self) -> dict[str, float]:
+        """Job-wide ``{"tokens_per_s", "samples_per_s"}`` over every window closed by :meth:`rates`."""
+        seconds = max(self.total_seconds, 1e-9)
+        return {"tokens_per_s": self.total_tokens / seconds, "samples_per_s": self.total_samples / seconds}
