@@ -9,12 +9,11 @@ The first --run is the baseline. Writes comparison.md (with rouge.png / resource
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
+from dialogsum.cli import run_cli
 from dialogsum.comparison import compare_runs, render_terminal
-from dialogsum.errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -40,10 +39,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dialogsum").setLevel(logging.INFO)
-    try:
-        main()
-    except UserError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(error.exit_code)
+    run_cli(main)
