@@ -42,8 +42,9 @@ def read_rows(path: str | Path) -> list[Row]:
         raise UserError(f"data file is a directory, expected a file: {file}")
     suffix = file.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
-        raise UserError(f"unsupported data file type {suffix or '(none)'} for {file}; use one of "
-                        f"{', '.join(SUPPORTED_EXTENSIONS)}")
+        raise UserError(
+            f"unsupported data file type {suffix or '(none)'} for {file}; use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
     if file.stat().st_size == 0:
         raise UserError(f"data file is empty: {file}")
     if suffix == ".parquet":
@@ -104,12 +105,16 @@ def validate_rows(rows: list[Row], args: DataArguments, split: str, source: str)
         raise UserError(f"{split} data {source} has no rows")
     columns = list(rows[0].keys())
     if args.text_column not in columns:
-        raise UserError(f"{split} data {source} has no column {args.text_column!r} (columns: {', '.join(columns)});"
-                        f" set --text_column")
+        raise UserError(
+            f"{split} data {source} has no column {args.text_column!r} (columns: {', '.join(columns)});"
+            f" set --text_column"
+        )
     ref_columns = _summary_columns(columns, args.summary_column)
     if not ref_columns:
-        raise UserError(f"{split} data {source} has no column {args.summary_column!r} (columns: "
-                        f"{', '.join(columns)}); set --summary_column")
+        raise UserError(
+            f"{split} data {source} has no column {args.summary_column!r} (columns: "
+            f"{', '.join(columns)}); set --summary_column"
+        )
     kept: list[Row] = []
     empty = 0
     for number, row in enumerate(rows, start=1):
@@ -124,8 +129,7 @@ def validate_rows(rows: list[Row], args: DataArguments, split: str, source: str)
             continue
         kept.append(row)
     if empty:
-        logger.warning("%s: skipped %d row(s) with an empty dialogue or summary (use --strict to refuse)", split,
-                       empty)
+        logger.warning("%s: skipped %d row(s) with an empty dialogue or summary (use --strict to refuse)", split, empty)
     if not kept:
         raise UserError(f"{split} data {source}: no usable rows left after dropping {empty} empty row(s)")
     return kept
@@ -137,8 +141,11 @@ def subsample(rows: list[Row], limit: int | None) -> list[Row]:
 
 
 def _local_files(args: DataArguments) -> dict[str, str]:
-    return {s: f for s, f in (("train", args.train_file), ("validation", args.validation_file),
-                              ("test", args.test_file)) if f}
+    return {
+        s: f
+        for s, f in (("train", args.train_file), ("validation", args.validation_file), ("test", args.test_file))
+        if f
+    }
 
 
 def check_data_sources(args: DataArguments, needed: Sequence[str]) -> None:
@@ -147,15 +154,19 @@ def check_data_sources(args: DataArguments, needed: Sequence[str]) -> None:
     if files:
         for split in needed:
             if split not in files:
-                raise UserError(f"no --{split}_file given (needed for {split}); local files: "
-                                f"{', '.join(f'--{s}_file' for s in files)}")
+                raise UserError(
+                    f"no --{split}_file given (needed for {split}); local files: "
+                    f"{', '.join(f'--{s}_file' for s in files)}"
+                )
         for path in files.values():
             p = Path(path)
             if not p.is_file():
                 raise UserError(f"data file not found: {path}")
             if p.suffix.lower() not in SUPPORTED_EXTENSIONS:
-                raise UserError(f"unsupported data file type {p.suffix or '(none)'} for {path}; use one of "
-                                f"{', '.join(SUPPORTED_EXTENSIONS)}")
+                raise UserError(
+                    f"unsupported data file type {p.suffix or '(none)'} for {path}; use one of "
+                    f"{', '.join(SUPPORTED_EXTENSIONS)}"
+                )
         return
     if not args.dataset_name:
         raise UserError("no data: give --dataset_name or --train_file/--validation_file/--test_file")
@@ -199,8 +210,10 @@ def _load_dataset_splits(args: DataArguments, needed: Sequence[str]) -> dict[str
     except FileNotFoundError as exc:
         raise UserError(f"dataset {name!r} not found: {str(exc).splitlines()[0]}") from exc
     except (ConnectionError, OSError) as exc:
-        raise UserError(f"could not load dataset {name!r}: {str(exc).splitlines()[0]}; use local files with "
-                        "--train_file/--validation_file/--test_file") from exc
+        raise UserError(
+            f"could not load dataset {name!r}: {str(exc).splitlines()[0]}; use local files with "
+            "--train_file/--validation_file/--test_file"
+        ) from exc
     missing = [s for s in needed if s not in dataset]
     if missing:
         raise UserError(f"dataset {name!r} has no split(s) {', '.join(missing)} (has: {', '.join(dataset)})")
@@ -262,8 +275,10 @@ class TokenizationStats:
 
     def describe(self, split: str) -> str:
         """One log line."""
-        return (f"{split}: {self.rows} rows, {self.truncated_sources} prompt(s) and {self.truncated_targets} "
-                f"summary(ies) truncated; mean prompt {self.source_tokens / max(self.rows, 1):.0f} tokens")
+        return (
+            f"{split}: {self.rows} rows, {self.truncated_sources} prompt(s) and {self.truncated_targets} "
+            f"summary(ies) truncated; mean prompt {self.source_tokens / max(self.rows, 1):.0f} tokens"
+        )
 
 
 def _truncate(ids: list[int], max_length: int, eos_id: int | None) -> list[int]:
@@ -307,8 +322,13 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, args: DataArguments) -> tuple
     summaries = [next(str(r[c]) for c in ref_columns if isinstance(r.get(c), str) and r[c].strip()) for r in rows]
     input_ids, cut_src = encode_texts(tokenizer, prompts, args.max_source_length)
     labels, cut_tgt = encode_texts(tokenizer, summaries, args.max_target_length)
-    stats = TokenizationStats(rows=len(rows), truncated_sources=cut_src, truncated_targets=cut_tgt,
-                              source_tokens=sum(map(len, input_ids)), target_tokens=sum(map(len, labels)))
+    stats = TokenizationStats(
+        rows=len(rows),
+        truncated_sources=cut_src,
+        truncated_targets=cut_tgt,
+        source_tokens=sum(map(len, input_ids)),
+        target_tokens=sum(map(len, labels)),
+    )
     return TokenizedDataset(input_ids, labels), stats
 
 
@@ -340,8 +360,12 @@ class Seq2SeqCollator:
             attention[i, : len(s)] = 1
             labels[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         real = sum(len(s) + len(t) for s, t in zip(sources, targets))
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "num_tokens": torch.tensor(real, dtype=torch.long)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "num_tokens": torch.tensor(real, dtype=torch.long),
+        }
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -356,8 +380,9 @@ class LengthGroupedBatchSampler:
     ``skip_batches`` makes the next epoch start after that many batches (exact resume).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 mega_batches: int = 50) -> None:
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True, mega_batches: int = 50
+    ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.lengths = list(lengths)
@@ -378,24 +403,25 @@ class LengthGroupedBatchSampler:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch))
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if not self.group_by_length:
-            return [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         chunk = self.batch_size * self.mega_batches
         batches: list[list[int]] = []
         for start in range(0, len(order), chunk):
-            block = sorted(order[start: start + chunk], key=lambda i: self.lengths[i], reverse=True)
-            batches.extend(block[i: i + self.batch_size] for i in range(0, len(block), self.batch_size))
+            block = sorted(order[start : start + chunk], key=lambda i: self.lengths[i], reverse=True)
+            batches.extend(block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size))
         permutation = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in permutation]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.skip_batches:]
+        yield from self.batches()[self.skip_batches :]
 
     def __len__(self) -> int:
         return max(math.ceil(len(self.lengths) / self.batch_size) - self.skip_batches, 0)
 
 
-def padding_fraction(batches: Sequence[Sequence[int]], source_lengths: Sequence[int],
-                     target_lengths: Sequence[int]) -> float:
+def padding_fraction(
+    batches: Sequence[Sequence[int]], source_lengths: Sequence[int], target_lengths: Sequence[int]
+) -> float:
     """Share of padded positions (source + target) over a set of batches under dynamic padding."""
     padded = real = 0
     for batch in batches:

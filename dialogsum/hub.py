@@ -23,8 +23,10 @@ def hub_endpoint() -> str:
 
 def hub_offline() -> bool:
     """Whether the user asked for offline mode (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
@@ -56,8 +58,12 @@ def ensure_hub_reachable(repo_id: str, kind: str, hint: str) -> None:
     if _in_cache(repo_id, kind):
         return
     if hub_offline():
-        raise UserError(f"cannot fetch {kind} {repo_id!r}: offline mode (HF_HUB_OFFLINE) is set and it is not in "
-                        f"the local cache; pass a local path with {hint}")
+        raise UserError(
+            f"cannot fetch {kind} {repo_id!r}: offline mode (HF_HUB_OFFLINE) is set and it is not in "
+            f"the local cache; pass a local path with {hint}"
+        )
     if not hub_reachable():
-        raise UserError(f"cannot fetch {kind} {repo_id!r}: the Hugging Face Hub ({hub_endpoint()}) is unreachable "
-                        f"from this machine; pass a local path with {hint}")
+        raise UserError(
+            f"cannot fetch {kind} {repo_id!r}: the Hugging Face Hub ({hub_endpoint()}) is unreachable "
+            f"from this machine; pass a local path with {hint}"
+        )

@@ -38,8 +38,7 @@ def check_model_source(name_or_path: str) -> None:
         config = json.loads((Path(name_or_path) / "config.json").read_text())
         if not config.get("is_encoder_decoder", False):
             arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
-            raise UserError(f"{name_or_path} is not a seq2seq (encoder-decoder) model ({arch}); "
-                            "use a T5/FLAN-T5 model")
+            raise UserError(f"{name_or_path} is not a seq2seq (encoder-decoder) model ({arch}); use a T5/FLAN-T5 model")
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -95,17 +94,23 @@ def apply_lora(model: torch.nn.Module, args: LoraArguments, gradient_checkpointi
     """Wrap ``model`` with LoRA adapters (peft); only adapter weights stay trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=args.lora_r, lora_alpha=args.lora_alpha,
-                        lora_dropout=args.lora_dropout, target_modules=list(args.lora_target_modules),
-                        bias="none")
+    config = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+        bias="none",
+    )
     if gradient_checkpointing:
         # with frozen embeddings no input requires grad, and checkpointed blocks would get no gradient
         model.enable_input_require_grads()
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise UserError(f"--lora_target_modules {' '.join(args.lora_target_modules)}: "
-                        f"{str(exc).splitlines()[0]}") from exc
+        raise UserError(
+            f"--lora_target_modules {' '.join(args.lora_target_modules)}: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -127,14 +132,19 @@ def parameter_report(model: torch.nn.Module) -> dict[str, Any]:
         total += n
         if p.requires_grad:
             trainable += n
-    return {"trainable_params": trainable, "total_params": total,
-            "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0}
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0,
+    }
 
 
 def describe_parameters(report: dict[str, Any]) -> str:
     """One line like the lab's: trainable / all / percent."""
-    return (f"trainable model parameters: {report['trainable_params']:,} | all model parameters: "
-            f"{report['total_params']:,} | trainable: {report['trainable_percent']:.2f}%")
+    return (
+        f"trainable model parameters: {report['trainable_params']:,} | all model parameters: "
+        f"{report['total_params']:,} | trainable: {report['trainable_percent']:.2f}%"
+    )
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -153,8 +163,9 @@ def save_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True,
-                                  save_function=accelerator.save)
+        unwrapped.save_pretrained(
+            str(out), state_dict=state_dict, safe_serialization=True, save_function=accelerator.save
+        )
         tokenizer.save_pretrained(str(out))
     accelerator.wait_for_everyone()
     return checkpoint_size_mb(out)
@@ -188,5 +199,6 @@ def load_adapter(model: torch.nn.Module, adapter_path: str) -> torch.nn.Module:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        raise UserError(f"adapter {adapter_path} does not fit this model (trained on {base}): "
-                        f"{str(exc).splitlines()[0][:200]}") from exc
+        raise UserError(
+            f"adapter {adapter_path} does not fit this model (trained on {base}): {str(exc).splitlines()[0][:200]}"
+        ) from exc

@@ -1,0 +1,67 @@
+"""Command-line plumbing shared by the scripts: logging setup and turning user errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from dialogsum.errors import UserError
+
+
+def setup_logging() -> None:
+    """INFO logs on the main process (rank 0), warnings only elsewhere; quiet third-party chatter."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _teardown_distributed() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort while already exiting on an error
+        pass
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)`` and exit: 0 on success, ``error: <message>`` + the error's exit code on a UserError."""
+    setup_logging()
+    try:
+        main(argv)
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        _teardown_distributed()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        _teardown_distributed()
+        sys.exit(130)
+    sys.exit(0)
+
+
+def training_main(method: str, description: str) -> Callable[[Sequence[str] | None], object]:
+    """The ``main`` of a training script for ``method`` (full or lora): parse, validate, train."""
+
+    def main(argv: Sequence[str] | None = None) -> object:
+        from dialogsum.config import parse_config
+        from dialogsum.pipeline import run_training
+
+        cfg = parse_config(argv, method=method, description=description)
+        return run_training(cfg)
+
+    return main

@@ -1,0 +1,288 @@
+"""The training loop, shared by full fine-tuning and LoRA. Reads top to bottom.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process:
+8 per device x 4 accumulation x 2 processes = 64 examples per optimizer step. The learning-rate schedule is
+built in optimizer steps and stepped here exactly once per optimizer step (it is deliberately not passed to
+``accelerator.prepare``, whose wrapper would step it once per process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dialogsum.checkpointing import (
+    TrainState,
+    load_rng,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from dialogsum.config import Config
+from dialogsum.data import LengthGroupedBatchSampler
+from dialogsum.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY = ("bias", "layer_norm", "layernorm", "ln_")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only; no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise UserError("the model has no trainable parameters")
+    # foreach: one fused kernel launch per group instead of one per tensor
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
+    """LR schedule in optimizer steps, with linear warm-up."""
+    from transformers import get_scheduler
+
+    warmup = cfg.train.num_warmup_steps
+    if warmup is None:
+        warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
+    return get_scheduler(
+        cfg.train.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+
+
+def plan_steps(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) from the prepared dataloader's length."""
+    per_epoch = max(math.ceil(batches_per_epoch / cfg.train.gradient_accumulation_steps), 1)
+    if cfg.train.max_train_steps:
+        return per_epoch, cfg.train.max_train_steps
+    return per_epoch, max(int(math.ceil(cfg.train.num_train_epochs * per_epoch)), 1)
+
+
+@dataclass
+class TrainResult:
+    """What the loop reports back."""
+
+    state: TrainState
+    train_loss: float
+    runtime_s: float
+    samples: int
+    real_tokens: int
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "eval_loss" else value > best
+
+
+class HistoryWriter:
+    """Appends log events to ``log_history.jsonl`` (main process) and keeps them in memory."""
+
+    def __init__(self, path: Path | None, keep_from_step: int = 0) -> None:
+        self.path = path
+        self.events: list[dict[str, Any]] = []
+        if path is not None and path.exists() and keep_from_step:
+            # resuming: keep what was logged up to the checkpoint, drop what came after it
+            kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            self.events = [e for e in kept if e.get("step", 0) <= keep_from_step]
+            path.write_text("".join(json.dumps(e) + "\n" for e in self.events))
+        elif path is not None:
+            path.write_text("")
+
+    def write(self, event: dict[str, Any]) -> None:
+        """Record one event."""
+        self.events.append(event)
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(event) + "\n")
+
+
+def train_loop(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    train_loader: Any,
+    sampler: LengthGroupedBatchSampler,
+    cfg: Config,
+    total_steps: int,
+    state: TrainState,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    resume_from: Path | None = None,
+    memory_mb: Callable[[], float] | None = None,
+) -> TrainResult:
+    """Run optimizer steps until ``total_steps`` (or early stopping); return loss, timing and counters.
+
+    ``state`` holds the counters to start from (zero, or those of the checkpoint being resumed).
+    ``evaluate(step)`` returns eval metrics (``eval_loss`` and optionally ROUGE) for periodic evaluation.
+    """
+    t = cfg.train
+    world = accelerator.num_processes
+    main = accelerator.is_main_process
+    history = HistoryWriter(Path(t.output_dir) / "log_history.jsonl" if main else None, keep_from_step=state.step)
+    params = [p for p in model.parameters() if p.requires_grad]
+    checkpoint_every = int(t.checkpointing_steps) if t.checkpointing_steps and t.checkpointing_steps != "epoch" else 0
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process
+    )
+
+    # running sums live on the device: no host sync until a log line is due
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count = 0
+    window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    window_samples = 0
+    total_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    total_micro = 0
+    total_tokens = 0
+    total_samples = 0
+    grad_norm: Any = None
+    window_start = start = time.perf_counter()
+    stopped_early = False
+    model.train()
+
+    def log_window() -> None:
+        nonlocal loss_sum, loss_count, window_tokens, window_samples, window_start, total_tokens, total_samples
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        stats = torch.stack(
+            [loss_sum.float(), window_tokens.float(), torch.tensor(float(window_samples), device=accelerator.device)]
+        )
+        stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
+        mean_loss = stats[0].item() / max(loss_count * world, 1)
+        if not math.isfinite(mean_loss):
+            raise UserError(
+                f"loss became {mean_loss} at step {state.step}: training diverged; lower "
+                f"--learning_rate or check the data. The last checkpoint saved before this is intact."
+            )
+        tokens, samples = int(stats[1].item()), int(stats[2].item())
+        total_tokens += tokens
+        total_samples += samples
+        event = {
+            "step": state.step,
+            "epoch": round(state.epoch + state.batches_in_epoch / max(len(sampler), 1), 4),
+            "loss": round(mean_loss, 6),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": round(tokens / elapsed, 2),
+            "samples_per_s": round(samples / elapsed, 3),
+        }
+        if memory_mb is not None:
+            event["peak_memory_mb"] = round(memory_mb(), 1)
+        accelerator.log({f"train/{k}": v for k, v in event.items() if k != "step" and v is not None}, step=state.step)
+        history.write(event)
+        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{event['learning_rate']:.2e}")
+        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_count, window_samples = 0, 0
+        window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        window_start = time.perf_counter()
+
+    def checkpoint() -> None:
+        if loss_count:
+            check = accelerator.reduce(loss_sum.clone(), reduction="sum") if world > 1 else loss_sum
+            if not torch.isfinite(check).item():
+                raise UserError(
+                    f"loss is not finite at step {state.step}; not saving this state. The last "
+                    "checkpoint saved before this is intact."
+                )
+        path = save_checkpoint(accelerator, t.output_dir, state, cfg)
+        prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+        logger.info("saved checkpoint %s", path)
+
+    while state.step < total_steps and not stopped_early:
+        sampler.set_epoch(state.epoch, skip_batches=state.batches_in_epoch)
+        batches = iter(train_loader)
+        if resume_from is not None:
+            load_rng(resume_from, accelerator.process_index)  # after iter(): DataLoader draws a seed from torch
+            resume_from = None
+        for batch in batches:
+            num_tokens = batch.pop("num_tokens")
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += world
+            loss_sum += loss.detach().float()
+            loss_count += 1
+            total_loss += loss.detach().double()
+            total_micro += 1
+            window_tokens += num_tokens
+            window_samples += batch["input_ids"].shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()  # once per optimizer step, whatever the number of processes
+            state.step += 1
+            progress.update(1)
+            if state.step % t.logging_steps == 0 or state.step == total_steps:
+                log_window()
+            if evaluate is not None and t.eval_steps and state.step % t.eval_steps == 0:
+                stopped_early = _periodic_eval(accelerator, evaluate, state, cfg, history, checkpoint)
+            if checkpoint_every and state.step % checkpoint_every == 0:
+                checkpoint()
+            if state.step >= total_steps or stopped_early:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            if t.checkpointing_steps == "epoch":
+                checkpoint()
+    if loss_count:
+        log_window()
+    progress.close()
+    runtime = time.perf_counter() - start
+    mean = total_loss / max(total_micro, 1)
+    mean = accelerator.reduce(mean, reduction="mean") if world > 1 else mean
+    return TrainResult(
+        state=state,
+        train_loss=float(mean),
+        runtime_s=runtime,
+        samples=total_samples,
+        real_tokens=total_tokens,
+        stopped_early=stopped_early,
+        history=history.events,
+    )
+
+
+def _periodic_eval(
+    accelerator: Any,
+    evaluate: Callable[[int], dict[str, float]],
+    state: TrainState,
+    cfg: Config,
+    history: HistoryWriter,
+    checkpoint: Callable[[], None],
+) -> bool:
+    """Evaluate, track the best metric (saving its checkpoint), and tell whether to stop early."""
+    t = cfg.train
+    metrics = evaluate(state.step)
+    event = {"step": state.step, **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}}
+    history.write(event)
+    accelerator.log({f"eval/{k[5:]}": v for k, v in event.items() if k != "step"}, step=state.step)
+    key = t.metric_for_best if t.metric_for_best == "eval_loss" else f"eval_{t.metric_for_best}"
+    value = event.get(key)
+    if value is None:
+        return False
+    if _is_better(t.metric_for_best, value, state.best_metric):
+        state.best_metric, state.best_step = value, state.step
+        state.evals_without_improvement = 0
+        if t.checkpointing_steps:
+            state.best_checkpoint = f"checkpoint-{state.step}"
+            checkpoint()
+    else:
+        state.evals_without_improvement += 1
+    logger.info("step %d: %s = %.4f (best %.4f at step %s)", state.step, key, value, state.best_metric, state.best_step)
+    return bool(t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience)
