@@ -53,6 +53,17 @@ TENSORBOARD_TEXT_ROWS = 5
 _WANDB_DEFAULT_HOSTS = ("api.wandb.ai",)
 #: Files of the output folder that are not part of a model/adapter artifact.
 _NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl"}
+_ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_PROTOCOLS = ("multi_reference", "mean_over_references", "flat")
+_FINAL_KEYS = (
+    "train_loss",
+    "train_runtime_s",
+    "train_samples_per_s",
+    "train_tokens_per_s",
+    "peak_memory_mb",
+    "checkpoint_size_mb",
+    "best_metric",
+)
 
 WANDB_NO_LOGIN_MESSAGE = (
     "W&B: no API key found (WANDB_API_KEY, ~/.netrc or `wandb login`) and WANDB_MODE is not set. "
@@ -99,9 +110,7 @@ def _wandb_settings() -> tuple[str, str | None, str | None]:
 
         settings = wandb.Settings()
         config_dir = os.environ.get("WANDB_CONFIG_DIR")
-        global_file = (
-            Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings")
-        )
+        global_file = Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings")
         settings.settings_system = str(global_file.expanduser())
         settings.update_from_system_settings()
         settings.update_from_env_vars(dict(os.environ))
@@ -176,10 +185,7 @@ def resolve_trackers(report_to: str) -> list[str]:
     trackers: list[str] = []
     for name in wanted[report_to]:
         if name == "tensorboard":
-            if (
-                importlib.util.find_spec("tensorboard") is None
-                and importlib.util.find_spec("tensorboardX") is None
-            ):
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
                 message = "TensorBoard is not installed (pip install tensorboard)"
                 if explicit:
                     raise UserError(f"--report_to tensorboard: {message}")
@@ -218,9 +224,7 @@ def tensorboard_project_config(output_dir: str | Path) -> Any:
     """
     from accelerate.utils import ProjectConfiguration
 
-    return ProjectConfiguration(
-        project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tensorboard")
-    )
+    return ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tensorboard"))
 
 
 # ------------------------------------------------------------------------------------------ run config
@@ -284,9 +288,7 @@ def run_config(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = 
     topology = launch_topology(accelerator)
     # e.g. 8 per device x 4 accumulation x 2 processes = 64 examples per optimizer step
     config["effective_batch_size"] = (
-        cfg.train.per_device_train_batch_size
-        * cfg.train.gradient_accumulation_steps
-        * topology["num_processes"]
+        cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * topology["num_processes"]
     )
     config.update(git_info())
     config.update({f"version_{name}": version for name, version in package_versions().items()})
@@ -372,15 +374,11 @@ def checkpoint_size_mb(output_dir: str | Path) -> float:
     folder = Path(output_dir)
     if not folder.is_dir():
         return 0.0
-    total = sum(
-        p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin")
-    )
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
     return total / 2**20
 
 
-def sample_predictions(
-    predictions: Sequence[Mapping[str, Any]], rows: int, seed: int = 0
-) -> list[dict[str, Any]]:
+def sample_predictions(predictions: Sequence[Mapping[str, Any]], rows: int, seed: int = 0) -> list[dict[str, Any]]:
     """A seeded sample of ``rows`` predictions (in their original order) with a per-row ``rougeL`` (0..1).
 
     ROUGE-L is taken from the row when present, otherwise computed with the project's scorer against all the
@@ -422,6 +420,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def final_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The end-of-run numbers charted as ``final/<key>``: ROUGE (headline, and ``final/<protocol>/<key>`` for
+    every protocol sub-object), training loss/time/throughput, peak memory, checkpoint size and best metric.
+
+    Settings and counts of ``metrics`` (learning rate, process count, parameter counts) go to the run
+    summary only.
+    """
+    final: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping) and key in _PROTOCOLS:
+            final.update({f"final/{key}/{k}": v for k, v in value.items() if k in _ROUGE_KEYS and _is_number(v)})
+        elif _is_number(value) and (key in _FINAL_KEYS or key in _ROUGE_KEYS):
+            final[f"final/{key}"] = value
+    return final
+
+
 def _artifact_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
@@ -437,8 +451,9 @@ def finish_tracking(
 ) -> None:
     """Log the end of a run. Call on every process after the model and files are saved; does not end the run.
 
-    * every finite number of ``metrics`` is logged as ``final/<key>`` (W&B charts and TensorBoard scalars) at
-      ``step`` (the last optimizer step; None lets W&B take its next step and TensorBoard step 0);
+    * the results of ``metrics`` (:func:`final_scalars`) are logged as ``final/<key>`` (W&B charts and
+      TensorBoard scalars) at ``step`` (the last optimizer step; with None W&B takes its next step and
+      TensorBoard step 0);
     * the W&B run summary gets the metrics (protocol sub-objects as nested dicts), the parameter report and
       ``checkpoint_size_mb`` (measured in ``output_dir`` when not in ``metrics``);
     * W&B table ``predictions``: a seeded sample of :data:`PREDICTION_TABLE_ROWS` rows (id, dialogue,
@@ -450,7 +465,7 @@ def finish_tracking(
     """
     if not accelerator.is_main_process or not accelerator.trackers:
         return
-    final = {f"final/{key}": value for key, value in metrics.items() if _is_number(value)}
+    final = final_scalars(metrics)
     if final:
         accelerator.log(final, step=step)
     summary: dict[str, Any] = {key: value for key, value in metrics.items() if value is not None}
@@ -515,11 +530,7 @@ def count_real_tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
     Returns a 0-d tensor on the batch's device (no host sync).
     """
-    total = (
-        batch["attention_mask"].sum()
-        if "attention_mask" in batch
-        else torch.tensor(batch["input_ids"].numel())
-    )
+    total = batch["attention_mask"].sum() if "attention_mask" in batch else torch.tensor(batch["input_ids"].numel())
     if "labels" in batch:
         total = total + (batch["labels"] != -100).sum()
     return total
