@@ -1,0 +1,375 @@
+"""Tracking: tracker choice without a W&B account, real offline W&B runs and TensorBoard events read back,
+meters. Runs a real ``accelerate.Accelerator(cpu=True)`` in-process; nothing touches the network."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from tensorboard.backend.event_processing import event_accumulator
+from wandb_records import find_run_file, load_run
+
+from dialogsum import tracking
+from dialogsum.config import build_config
+from dialogsum.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+WANDB_VARS = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_IDENTITY_TOKEN_FILE",
+    "WANDB_BASE_URL",
+    "WANDB_DIR",
+    "WANDB_DISABLED",
+    "RANK",
+    "LOCAL_RANK",
+)
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No W&B login anywhere: empty HOME, config dir and netrc; cwd in tmp (no ./wandb/settings)."""
+    for name in WANDB_VARS:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    yield home
+    import wandb
+
+    wandb.teardown()  # the next test reads its own environment again
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dialogsum.tracking" and r.levelno >= logging.WARNING]
+
+
+# --------------------------------------------------------------------------------------- resolve_trackers
+
+
+def test_report_to_choices_map_to_accelerate_tracker_names(wandb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.resolve_trackers("all") == ["wandb", "tensorboard"]
+    assert tracking.resolve_trackers("wandb") == ["wandb"]
+    assert tracking.resolve_trackers("tensorboard") == ["tensorboard"]
+    assert tracking.resolve_trackers("none") == []
+    with pytest.raises(ConfigError, match="--report_to"):
+        tracking.resolve_trackers("mlflow")
+
+
+def test_no_key_and_no_mode_drops_wandb_with_one_clear_warning(
+    wandb_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dialogsum.tracking")
+    assert tracking.resolve_trackers("all") == ["tensorboard"]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert "wandb login" in warnings[0] and "WANDB_MODE=offline" in warnings[0]
+    assert "continues without W&B" in warnings[0]
+
+
+def test_explicit_wandb_without_login_stops_before_training(wandb_env: Path) -> None:
+    with pytest.raises(UserError, match="wandb login") as info:
+        tracking.resolve_trackers("wandb")
+    assert info.value.exit_code == 1 and "WANDB_MODE=offline" in str(info.value)
+
+
+def test_disabled_mode_leaves_wandb_out_quietly(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.resolve_trackers("all") == ["tensorboard"]
+    assert tracking.resolve_trackers("wandb") == []
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize("source", ["env", "netrc", "settings_offline", "dryrun"])
+def test_credentials_and_offline_settings_are_found(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    assert not tracking.wandb_access().usable
+    if source == "env":
+        monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    elif source == "netrc":
+        (wandb_env / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+        (wandb_env / ".netrc").chmod(0o600)
+    elif source == "settings_offline":  # what `wandb offline` writes
+        settings = wandb_env / ".config" / "wandb" / "settings"
+        settings.parent.mkdir(parents=True)
+        settings.write_text("[default]\nmode = offline\n")
+    else:
+        monkeypatch.setenv("WANDB_MODE", "dryrun")
+    access = tracking.wandb_access()
+    assert access.usable
+    assert access.offline == (source in ("settings_offline", "dryrun"))
+    assert tracking.resolve_trackers("wandb") == ["wandb"]
+
+
+def test_only_rank_zero_checks_the_login(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    # Other ranks never start W&B: they keep the same list and say nothing (no warning per process).
+    assert tracking.resolve_trackers("all") == ["wandb", "tensorboard"]
+    assert tracking.resolve_trackers("wandb") == ["wandb"]
+    assert _warnings(caplog) == []
+
+
+# ------------------------------------------------------------------------------------ a tracked run
+
+
+def _config(output_dir: Path, report_to: str = "all"):
+    return build_config(
+        "lora",
+        {
+            "output_dir": str(output_dir),
+            "report_to": report_to,
+            "run_name": "tiny-run",
+            "wandb_project": "dialogsum-tests",
+            "wandb_group": "unit",
+            "wandb_tags": ["ci", "cpu"],
+            "lora_target_modules": ["q", "v"],
+            "learning_rate": 2e-3,
+            "log_model": True,
+        },
+    )
+
+
+TRAIN_LOGS = {
+    2: {"train/loss": 2.5, "train/learning_rate": 2e-3, "train/tokens_per_s": 1500.0},
+    4: {"train/loss": 1.75, "train/learning_rate": 1e-3, "train/tokens_per_s": 1600.0},
+    6: {"train/loss": 1.25, "train/learning_rate": 0.0, "train/tokens_per_s": 1700.0},
+}
+METRICS = {
+    "method": "lora",
+    "model_name_or_path": "google/flan-t5-base",
+    "rouge1": 0.4731,
+    "rouge2": 0.2012,
+    "rougeL": 0.3977,
+    "rougeLsum": 0.4001,
+    "multi_reference": {"rouge1": 0.4731, "rouge2": 0.2012, "rougeL": 0.3977, "rougeLsum": 0.4001},
+    "flat": {"rouge1": 0.4102, "rouge2": 0.1611, "rougeL": 0.3388, "rougeLsum": 0.3401},
+    "headline_protocol": "multi_reference",
+    "train_loss": 1.8,
+    "train_runtime_s": 12.5,
+    "peak_memory_mb": 812.0,
+    "learning_rate": 2e-3,
+    "num_processes": 1,
+    "checkpoint_size_mb": None,
+}
+PARAMS = {"trainable_params": 3_538_944, "total_params": 251_116_800, "trainable_percent": 1.4093}
+PREDICTIONS = [
+    {
+        "id": f"test_{i}",
+        "dialogue": f"#Person1#: Where is the {place}?\n#Person2#: Next to the bank.",
+        "reference": f"#Person2# tells #Person1# the {place} is next to the bank.",
+        "references": [f"#Person2# tells #Person1# the {place} is next to the bank.", "They talk about a place."],
+        "prediction": f"#Person2# says the {place} is next to the bank.",
+    }
+    for i, place in enumerate(["museum", "station", "library"])
+]
+
+
+def _tracked_run(cfg, output_dir: Path, log_with: list[str]) -> Accelerator:
+    accelerator = Accelerator(
+        cpu=True, log_with=log_with, project_config=tracking.tensorboard_project_config(output_dir)
+    )
+    tracking.start_tracking(accelerator, cfg, {"num_train_examples": 96})
+    for step, values in TRAIN_LOGS.items():
+        accelerator.log(values, step=step)
+    accelerator.log({"eval/loss": 1.5}, step=6)
+    (output_dir / "adapter_model.safetensors").write_bytes(b"\0" * 3 * 2**20)
+    (output_dir / "adapter_config.json").write_text("{}")
+    (output_dir / "predictions.jsonl").write_text("{}\n")
+    tracking.finish_tracking(accelerator, METRICS, PREDICTIONS, PARAMS, str(output_dir), log_model=True, step=6)
+    accelerator.end_training()
+    return accelerator
+
+
+def _tensorboard_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = sorted((output_dir / "tensorboard" / "dialogsum-tests").glob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard events under {output_dir}"
+    acc = event_accumulator.EventAccumulator(str(events[0]), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_offline_wandb_run_records_config_steps_and_summary(
+    wandb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    cfg = _config(out)
+    _tracked_run(cfg, out, tracking.resolve_trackers(cfg.track.report_to))
+
+    run = load_run(find_run_file(out / "wandb"))  # W&B files go to --output_dir when WANDB_DIR is unset
+    assert run.exited
+    assert (run.name, run.project, run.group, run.tags) == ("tiny-run", "dialogsum-tests", "unit", ["ci", "cpu"])
+
+    # config: every flag with its real type, plus resolved values, topology, versions, git commit, extra
+    c = run.config
+    assert c["method"] == "lora" and c["lora_r"] == 32 and c["lora_target_modules"] == ["q", "v"]
+    assert c["learning_rate"] == pytest.approx(2e-3) and c["wandb_tags"] == ["ci", "cpu"]
+    assert c["effective_batch_size"] == 8 and c["num_train_examples"] == 96
+    assert (c["num_processes"], c["distributed_type"], c["mixed_precision"]) == (1, "NO", "no")
+    assert c["version_torch"] == torch.__version__
+    assert {"version_transformers", "version_accelerate", "version_peft", "version_datasets"} <= set(c)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert c["git_commit"] == head.stdout.strip()
+
+    # every logged step with its values
+    by_step = {}
+    for row in run.history:
+        by_step.setdefault(row["_step"], {}).update(row)
+    for step, values in TRAIN_LOGS.items():
+        for key, value in values.items():
+            assert by_step[step][key] == pytest.approx(value), (step, key)
+    assert by_step[6]["eval/loss"] == pytest.approx(1.5)
+    assert by_step[6]["final/rouge1"] == pytest.approx(0.4731)
+    assert by_step[6]["final/flat/rougeL"] == pytest.approx(0.3388)
+    assert "final/learning_rate" not in by_step[6] and "final/num_processes" not in by_step[6]
+    assert by_step[6]["predictions/nrows"] == 3 and by_step[6]["predictions/ncols"] == 5
+
+    # final summary: metrics, protocol sub-objects, parameter report, measured checkpoint size
+    s = run.summary
+    assert s["rouge1"] == pytest.approx(0.4731) and s["rougeLsum"] == pytest.approx(0.4001)
+    assert s["flat"]["rouge2"] == pytest.approx(0.1611) and s["headline_protocol"] == "multi_reference"
+    assert s["trainable_params"] == 3_538_944 and s["trainable_percent"] == pytest.approx(1.4093)
+    assert s["checkpoint_size_mb"] == pytest.approx(3.0)
+    assert s["train/loss"] == pytest.approx(1.25)  # last logged value
+
+    # --log_model: the adapter folder as a model artifact (not the predictions)
+    models = [name for name, kind in run.artifacts if kind == "model"]
+    assert models == ["tiny-run-lora"]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(run.artifact_files["tiny-run-lora"])
+    assert "predictions.jsonl" not in run.artifact_files["tiny-run-lora"]
+
+    # TensorBoard has the same scalars at the same steps
+    scalars = _tensorboard_scalars(out)
+    for key in ("train/loss", "train/learning_rate", "train/tokens_per_s"):
+        assert scalars[key] == [(step, pytest.approx(values[key])) for step, values in TRAIN_LOGS.items()]
+    assert scalars["final/rouge1"] == [(6, pytest.approx(0.4731))]
+    assert scalars["eval/loss"] == [(6, pytest.approx(1.5))]
+
+
+def test_no_login_message_is_printed_once(wandb_env: Path) -> None:
+    code = "from dialogsum.tracking import resolve_trackers; print(resolve_trackers('all'))"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['tensorboard']"
+    assert result.stderr.count("W&B: no API key found") == 1
+    assert "`wandb login`" in result.stderr and "WANDB_MODE=offline" in result.stderr
+
+
+def test_no_login_run_trains_with_tensorboard_only(wandb_env: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _config(out)
+    log_with = tracking.resolve_trackers(cfg.track.report_to)  # no key, no mode
+    assert log_with == ["tensorboard"]
+    accelerator = _tracked_run(cfg, out, log_with)
+    assert [t.name for t in accelerator.trackers] == ["tensorboard"]
+    assert not (out / "wandb").exists()
+    scalars = _tensorboard_scalars(out)
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([2.5, 1.75, 1.25])
+    assert scalars["final/rougeL"] == [(6, pytest.approx(0.3977))]
+
+
+def test_wandb_init_failure_falls_back_to_tensorboard(
+    wandb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A key is configured but the server cannot be reached: wandb.init raises after its timeout.
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
+    out = tmp_path / "run"
+    cfg = _config(out)
+    log_with = tracking.resolve_trackers("all")
+    assert log_with == ["wandb", "tensorboard"]
+    accelerator = Accelerator(cpu=True, log_with=log_with, project_config=tracking.tensorboard_project_config(out))
+    tracking.start_tracking(accelerator, cfg)
+    assert [t.name for t in accelerator.trackers] == ["tensorboard"]
+    assert any("W&B could not start a run" in m for m in _warnings(caplog))
+    accelerator.log({"train/loss": 0.5}, step=1)
+    accelerator.end_training()
+    assert _tensorboard_scalars(out)["train/loss"] == [(1, 0.5)]
+
+
+def test_tensorboard_hparams_get_scalars_and_strings_only() -> None:
+    safe = tracking.hparams_safe({"a": [1, 2], "b": None, "c": {"x": 1}, "d": 0.5, "e": True, "f": "s"})
+    assert safe == {"a": "1, 2", "b": "None", "c": '{"x": 1}', "d": 0.5, "e": True, "f": "s"}
+
+
+def test_git_info_outside_a_repository_is_empty(tmp_path: Path) -> None:
+    assert tracking.git_info(tmp_path) == {}
+
+
+def test_default_run_name_is_method_and_time() -> None:
+    assert re.fullmatch(r"lora-\d{8}-\d{6}", tracking.default_run_name("lora"))
+
+
+def test_sample_predictions_scores_rouge_l_against_all_references() -> None:
+    rows = [
+        {"prediction": "the cat sat", "reference": "a dog ran", "references": ["a dog ran", "the cat sat"]},
+        {"prediction": "hello", "reference": "bye", "rougeL": 0.25},
+    ]
+    sample = tracking.sample_predictions(rows, rows=10)
+    assert sample[0]["rougeL"] == pytest.approx(1.0)  # best match over references
+    assert sample[1]["rougeL"] == 0.25  # kept when given
+    many = [{"prediction": "x", "reference": "x", "id": i} for i in range(200)]
+    picked = tracking.sample_predictions(many, rows=50)
+    assert len(picked) == 50 and [r["id"] for r in picked] == sorted(r["id"] for r in picked)
+    assert picked == tracking.sample_predictions(many, rows=50)  # seeded
+
+
+# ----------------------------------------------------------------------------------------------- meters
+
+
+def test_count_real_tokens_ignores_padding_and_ignored_labels() -> None:
+    batch = {
+        "input_ids": torch.ones(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[4, 5, -100], [6, -100, -100]]),
+    }
+    tokens = tracking.count_real_tokens(batch)
+    assert isinstance(tokens, torch.Tensor) and int(tokens) == 8 + 3
+
+
+def test_throughput_meter_rates_and_totals() -> None:
+    meter = tracking.ThroughputMeter()
+    for tokens in (100, 250, 150):
+        meter.update(torch.tensor(tokens), samples=4)
+    rates = meter.rates()
+    assert rates["tokens_per_s"] > 0
+    # same window for both counts: their ratio is exact
+    assert rates["tokens_per_s"] / rates["samples_per_s"] == pytest.approx(500 / 12)
+    meter.update(40, samples=2)
+    second = meter.rates()
+    assert second["tokens_per_s"] / second["samples_per_s"] == pytest.approx(20)
+    assert (meter.total_tokens, meter.total_samples) == (540, 14)
+    overall = meter.overall()
+    assert overall["tokens_per_s"] == pytest.approx(540 / meter.total_seconds)
+
+
+def test_peak_memory_on_cpu_is_the_process_peak_rss() -> None:
+    peak = tracking.peak_memory_mb("cpu")
+    status = Path("/proc/self/status")
+    if status.is_file():
+        hwm_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        assert peak == pytest.approx(hwm_kb / 1024, rel=0.05)
+    assert 10 < peak < 1e6 and math.isfinite(peak)
