@@ -84,27 +84,27 @@ def _parse_launch_args(argv: list[str]) -> argparse.Namespace | None:
     return args
 
 
-def read_launch_request() -> LaunchRequest:
-    """Find out how many processes the user asked for (and whether on CPU).
-
-    The launcher's command line is the most faithful source: ``--num_processes`` wins, then the config file
-    (``--config_file`` or accelerate's default config). Without a launcher parent (``torchrun``, the DeepSpeed
-    launcher, SLURM), ``WORLD_SIZE`` is what was asked for.
-    """
+def _request_from_environment() -> LaunchRequest:
     env_world = os.environ.get("WORLD_SIZE")
-    from_env = LaunchRequest(
+    return LaunchRequest(
         num_processes=int(env_world) if env_world and env_world.isdigit() else None,
         use_cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"),
+        # accelerate launch always exports OMP_NUM_THREADS (1 by default); only count it as the user's choice
+        # when no accelerate launcher set the environment up.
         threads_explicit="OMP_NUM_THREADS" in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ,
         source="environment (WORLD_SIZE)",
     )
-    found = _launcher_argv()
-    if found is None:
-        return from_env
-    argv, parent_env = found
+
+
+def launch_request_from_argv(argv: list[str], launcher_env: dict[str, str]) -> LaunchRequest | None:
+    """Read an ``accelerate launch`` command line (the arguments after ``launch``); None if unparsable.
+
+    ``--num_processes`` wins over the config file (``--config_file`` or accelerate's default config), as in
+    accelerate itself. ``launcher_env`` is the launcher's own environment (to see a user-set OMP_NUM_THREADS).
+    """
     args = _parse_launch_args(argv)
     if args is None:
-        return from_env
+        return None
     num_processes = args.num_processes
     use_cpu = bool(args.cpu)
     config_file = args.config_file
@@ -118,20 +118,36 @@ def read_launch_request() -> LaunchRequest:
 
         try:
             config = load_config_from_file(config_file)
-        except Exception:  # noqa: BLE001 - the launcher already accepted it; do not fail on our side
+        except Exception:  # noqa: BLE001 - the launcher accepted it; an odd file must not fail our side
             config = None
         if config is not None:
             if num_processes is None and getattr(config, "num_processes", None) not in (None, -1):
                 num_processes = int(config.num_processes)
             use_cpu = use_cpu or bool(getattr(config, "use_cpu", False))
-    if num_processes is None:
-        num_processes = from_env.num_processes
     return LaunchRequest(
         num_processes=num_processes,
-        use_cpu=use_cpu or from_env.use_cpu,
-        threads_explicit=args.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in parent_env,
+        use_cpu=use_cpu,
+        threads_explicit=args.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in launcher_env,
         source="the `accelerate launch` command line and config file",
     )
+
+
+def read_launch_request() -> LaunchRequest:
+    """Find out how many processes the user asked for (and whether on CPU).
+
+    The parent ``accelerate launch`` command line is the most faithful source (see
+    :func:`launch_request_from_argv`). Without such a parent (``torchrun``, the DeepSpeed launcher, SLURM,
+    SageMaker), ``WORLD_SIZE`` is what was asked for.
+    """
+    from_env = _request_from_environment()
+    found = _launcher_argv()
+    request = launch_request_from_argv(*found) if found is not None else None
+    if request is None:
+        return from_env
+    if request.num_processes is None:
+        request.num_processes = from_env.num_processes
+    request.use_cpu = request.use_cpu or from_env.use_cpu
+    return request
 
 
 def _gpu_available() -> bool:
