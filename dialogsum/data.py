@@ -393,8 +393,14 @@ class LengthGroupedBatchSampler:
         self.epoch = 0
         self.skip_batches = 0
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Choose the epoch (and how many leading batches to skip, for resuming mid-epoch)."""
+    def set_epoch(self, epoch: int, skip_batches: int | None = None) -> None:
+        """Choose the epoch (and how many leading batches to skip, for resuming mid-epoch).
+
+        Without ``skip_batches``, a skip already set for this same epoch is kept: accelerate's prepared
+        DataLoader calls ``set_epoch(epoch)`` on its batch sampler each time it is iterated.
+        """
+        if skip_batches is None:
+            skip_batches = self.skip_batches if epoch == self.epoch else 0
         self.epoch = epoch
         self.skip_batches = skip_batches
 
