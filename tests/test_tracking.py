@@ -3,6 +3,7 @@ meters. Runs a real ``accelerate.Accelerator(cpu=True)`` in-process; nothing tou
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -199,8 +200,8 @@ def _tracked_run(cfg, output_dir: Path, log_with: list[str]) -> Accelerator:
     return accelerator
 
 
-def _tensorboard_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = sorted((output_dir / "tensorboard" / "dialogsum-tests").glob("events.out.tfevents.*"))
+def _tensorboard_scalars(output_dir: Path, project: str = "dialogsum-tests") -> dict[str, list[tuple[int, float]]]:
+    events = sorted((output_dir / "tensorboard" / project).glob("events.out.tfevents.*"))
     assert events, f"no TensorBoard events under {output_dir}"
     acc = event_accumulator.EventAccumulator(str(events[0]), size_guidance={event_accumulator.SCALARS: 0})
     acc.Reload()
@@ -373,3 +374,65 @@ def test_peak_memory_on_cpu_is_the_process_peak_rss() -> None:
         hwm_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
         assert peak == pytest.approx(hwm_kb / 1024, rel=0.05)
     assert 10 < peak < 1e6 and math.isfinite(peak)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def test_quickstart_training_logs_the_same_values_to_wandb_tensorboard_and_files(
+    wandb_env: Path, tmp_path: Path
+) -> None:
+    """A real tiny LoRA training (scripts/train_lora.py --quickstart) with --report_to all, W&B offline."""
+    if not (REPO / "scripts" / "train_lora.py").is_file():
+        pytest.skip("scripts/train_lora.py is not there yet")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update({"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    args = [
+        sys.executable, str(REPO / "scripts" / "train_lora.py"), "--quickstart", "--output_dir", str(out),
+        "--report_to", "all", "--max_train_steps", "6", "--logging_steps", "2", "--eval_steps", "3",
+        "--eval_with_generation", "--max_eval_samples", "8", "--max_test_samples", "8", "--log_model",
+        "--run_name", "e2e", "--wandb_group", "tests", "--wandb_tags", "quickstart", "cpu",
+    ]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    params = json.loads((out / "parameters.json").read_text())
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    train_logs = [row for row in history if "loss" in row]
+    eval_logs = [row for row in history if "eval_loss" in row]
+    assert [row["step"] for row in train_logs] == [2, 4, 6] and [row["step"] for row in eval_logs] == [3, 6]
+
+    run = load_run(find_run_file(out / "wandb"))
+    assert run.exited and (run.name, run.group, run.tags) == ("e2e", "tests", ["quickstart", "cpu"])
+    assert run.config["method"] == "lora" and run.config["max_train_steps"] == 6 and run.config["quickstart"]
+    assert run.config["num_processes"] == 1 and run.config["version_torch"] == torch.__version__
+    by_step: dict[int, dict] = {}
+    for row in run.history:
+        by_step.setdefault(row["_step"], {}).update(row)
+    for row in train_logs:
+        for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s"):
+            assert by_step[row["step"]][f"train/{key}"] == pytest.approx(row[key]), (row["step"], key)
+    for row in eval_logs:
+        assert by_step[row["step"]]["eval/loss"] == pytest.approx(row["eval_loss"])
+        assert by_step[row["step"]]["eval/rougeL"] == pytest.approx(row["eval_rougeL"])
+    assert by_step[6]["final/rouge1"] == pytest.approx(metrics["rouge1"])
+    assert by_step[6]["predictions/nrows"] == 8
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "train_loss"):
+        assert run.summary[key] == pytest.approx(metrics[key]), key
+    assert run.summary["trainable_params"] == params["trainable_params"]
+    assert run.summary["checkpoint_size_mb"] == pytest.approx(metrics["checkpoint_size_mb"])
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(run.artifact_files["e2e-lora"])
+
+    scalars = _tensorboard_scalars(out, project="dialogsum")
+    assert scalars["train/loss"] == [(row["step"], pytest.approx(row["loss"])) for row in train_logs]
+    assert scalars["eval/loss"] == [(row["step"], pytest.approx(row["eval_loss"])) for row in eval_logs]
+    assert scalars["final/rouge1"] == [(6, pytest.approx(metrics["rouge1"]))]
+
+    report = (out / "report.md").read_text()
+    for image in ("training", "eval", "rouge", "resources"):
+        assert f"plots/{image}.png" in report and (out / "plots" / f"{image}.png").stat().st_size > 8_000
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and str(out / "quickstart_assets") in card
+    assert f"value: {round(100 * metrics['rouge1'], 2)}" in card
