@@ -284,14 +284,17 @@ def _none_or(kind: type) -> Any:
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """Build the argparse parser for every config field, grouped by section."""
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of the flags below as keys.")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         hints = {f.name: f.type for f in dataclasses.fields(cls)}
         for f in dataclasses.fields(cls):
             hint = str(hints[f.name])
-            kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = repr(default) if isinstance(default, str) and "\n" in default else default
+            text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
+            kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
             if hint.startswith("bool"):
                 kwargs.update(type=_str2bool, nargs="?", const=True, metavar="BOOL")
             elif hint.startswith("list"):
