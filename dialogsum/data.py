@@ -6,6 +6,7 @@ Everything here runs before a model is loaded, so bad input fails in seconds wit
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -61,7 +62,7 @@ def read_rows(path: str | Path) -> list[Row]:
         line = raw[: exc.start].count(b"\n") + 1
         raise UserError(f"{file} is not UTF-8 text (bad byte at line {line}); re-save it as UTF-8") from exc
     if suffix == ".csv":
-        return [dict(r) for r in csv.DictReader(text.splitlines())]
+        return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]  # keeps newlines in quoted fields
     if suffix == ".json":
         try:
             data = json.loads(text)

@@ -1,0 +1,193 @@
+"""Data: prompt text, file formats, validation, truncation counts, -100 labels, grouped batches, multi-ref."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from dialogsum.config import DataArguments
+from dialogsum.data import (
+    LengthGroupedBatchSampler,
+    Seq2SeqCollator,
+    build_prompt,
+    eval_examples,
+    load_splits,
+    padding_fraction,
+    read_rows,
+    tokenize_rows,
+)
+from dialogsum.errors import UserError
+
+ROWS = [
+    {"fname": "a", "dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet.", "topic": "x"},
+    {"fname": "b", "dialogue": "#Person1#: Tea?\n#Person2#: Yes, please.", "summary": "One wants tea.", "topic": "y"},
+]
+
+
+def test_prompt_is_the_labs_exactly() -> None:
+    args = DataArguments()
+    assert build_prompt("#Person1#: Hi.", args.prompt_template) == (
+        "Summarize the following conversation.\n\n#Person1#: Hi.\n\nSummary: "
+    )
+    assert build_prompt("braces {x} stay", "D: {dialogue}") == "D: braces {x} stay"
+
+
+def _write_all_formats(tmp_path: Path, rows: list[dict]) -> dict[str, Path]:
+    paths = {
+        "jsonl": tmp_path / "d.jsonl",
+        "json": tmp_path / "d.json",
+        "csv": tmp_path / "d.csv",
+        "parquet": tmp_path / "d.parquet",
+    }
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    paths["json"].write_text(json.dumps(rows), encoding="utf-8")
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
+    return paths
+
+
+def test_every_format_reads_the_same_rows(tmp_path: Path) -> None:
+    for kind, path in _write_all_formats(tmp_path, ROWS).items():
+        assert read_rows(path) == ROWS, kind
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (None, "missing.jsonl", "data file not found"),
+        (b"", "empty.jsonl", "data file is empty"),
+        (b"a,b\n", "data.txt", "unsupported data file type .txt"),
+        (b'{"dialogue": "caf\xe9"}\n', "latin1.jsonl", "is not UTF-8 text (bad byte at line 1)"),
+        (b'{"dialogue": "x"}\n{oops\n', "broken.jsonl", "line 2 is not valid JSON"),
+    ],
+)
+def test_bad_files_get_one_clear_message(tmp_path: Path, content: bytes | None, name: str, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=None) as info:
+        read_rows(path)
+    assert message in str(info.value)
+
+
+def test_columns_and_empty_rows(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [*ROWS, {"fname": "c", "dialogue": "  ", "summary": "s"}, {"fname": "d", "dialogue": "x", "summary": ""}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_splits(DataArguments(train_file=str(path)), ["train"])["train"]
+    assert [r["fname"] for r in loaded] == ["a", "b"]  # the two empty rows are skipped (and counted in the log)
+    with pytest.raises(UserError, match="row 3 has an empty dialogue"):
+        load_splits(DataArguments(train_file=str(path), strict=True), ["train"])
+    with pytest.raises(UserError, match="has no column 'text'"):
+        load_splits(DataArguments(train_file=str(path), text_column="text"), ["train"])
+    with pytest.raises(UserError, match="no --test_file given"):
+        load_splits(DataArguments(train_file=str(path)), ["train", "test"])
+
+
+def test_lab_subsample_is_reproducible(tmp_path: Path) -> None:
+    # the lab keeps rows whose index is a multiple of 100: 12,460 / 500 / 1,500 rows -> 125 / 5 / 15
+    for split, n, expected in (("train", 12460, 125), ("validation", 500, 5), ("test", 1500, 15)):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"dialogue": f"d{i}", "summary": f"s{i}"}) + "\n" for i in range(n)))
+        args = DataArguments(**{f"{split}_file": str(path)}, subsample_every=100)
+        rows = load_splits(args, [split])[split]
+        assert len(rows) == expected
+        assert [r["dialogue"] for r in rows[:3]] == ["d0", "d100", "d200"]
+
+
+def test_truncation_is_counted_and_labels_masked(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    long_dialogue = " ".join(["Alice is going to the market ."] * 40)
+    rows = [*ROWS, {"dialogue": long_dialogue, "summary": "Alice goes to the market on Monday morning ."}]
+    args = DataArguments(max_source_length=32, max_target_length=6)
+    dataset, stats = tokenize_rows(rows, tokenizer, args)
+    assert stats.rows == 3
+    assert stats.truncated_sources == 1
+    assert stats.truncated_targets == 1
+    assert len(dataset.input_ids[2]) == 32 and dataset.input_ids[2][-1] == tokenizer.eos_token_id
+    assert len(dataset.labels[2]) == 6 and dataset.labels[2][-1] == tokenizer.eos_token_id
+
+    batch = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id)([dataset[0], dataset[2]])
+    short_label = len(dataset.labels[0])
+    assert batch["labels"].shape == (2, 6)
+    assert (batch["labels"][0, short_label:] == -100).all()  # padding never counts in the loss
+    assert (batch["labels"][0, :short_label] >= 0).all()
+    assert batch["attention_mask"][0].sum().item() == len(dataset.input_ids[0])
+    assert (batch["input_ids"][0, len(dataset.input_ids[0]) :] == tokenizer.pad_token_id).all()
+    real = len(dataset.input_ids[0]) + len(dataset.input_ids[2]) + short_label + 6
+    assert batch["num_tokens"].item() == real
+
+
+def _dialogsum_like_lengths(n: int, seed: int) -> list[int]:
+    # prompt mean ~230 tokens with a long tail (p95 ~410), summary mean ~39: DialogSum's measured shape
+    rng = random.Random(seed)
+    return [int(min(max(rng.lognormvariate(5.35, 0.38), 60), 800)) + int(max(rng.gauss(39, 15), 8)) for _ in range(n)]
+
+
+def test_grouped_sampler_covers_every_index_once_and_is_seeded() -> None:
+    lengths = _dialogsum_like_lengths(1003, seed=1)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=7)
+    epoch0 = sampler.batches(0)
+    assert sorted(i for b in epoch0 for i in b) == list(range(1003))
+    assert len(epoch0) == len(sampler) == 126
+    assert epoch0 == LengthGroupedBatchSampler(lengths, batch_size=8, seed=7).batches(0)
+    assert epoch0 != sampler.batches(1)  # a new order every epoch
+    assert epoch0 != LengthGroupedBatchSampler(lengths, batch_size=8, seed=8).batches(0)
+    sampler.set_epoch(1, skip_batches=5)
+    assert list(sampler) == sampler.batches(1)[5:]
+    assert len(sampler) == 121
+    # batches come in random order, not sorted by length
+    first_lengths = [max(lengths[i] for i in b) for b in epoch0[:20]]
+    assert first_lengths != sorted(first_lengths, reverse=True)
+
+
+def test_grouping_cuts_padding_versus_random_batches() -> None:
+    src = _dialogsum_like_lengths(2000, seed=3)
+    tgt = [max(8, int(x * 0.15)) for x in src]
+    lengths = [a + b for a, b in zip(src, tgt)]
+    grouped = LengthGroupedBatchSampler(lengths, batch_size=8, seed=0).batches(0)
+    shuffled = LengthGroupedBatchSampler(lengths, batch_size=8, seed=0, group_by_length=False).batches(0)
+    grouped_waste = padding_fraction(grouped, src, tgt)
+    random_waste = padding_fraction(shuffled, src, tgt)
+    assert random_waste > 0.2
+    assert grouped_waste < 0.05
+    assert grouped_waste < random_waste / 5
+
+
+def test_grouping_on_real_dialogsum(dialogsum_dev: Path, flan_t5_base_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(flan_t5_base_dir))
+    rows = read_rows(dialogsum_dev)
+    dataset, stats = tokenize_rows(rows, tokenizer, DataArguments())
+    assert stats.rows == 500 and stats.truncated_sources == 8  # 8 of 500 prompts are over 512 tokens
+    src = [len(x) for x in dataset.input_ids]
+    tgt = [len(x) for x in dataset.labels]
+    grouped = LengthGroupedBatchSampler(dataset.lengths(), batch_size=8, seed=0).batches(0)
+    shuffled = LengthGroupedBatchSampler(dataset.lengths(), batch_size=8, seed=0, group_by_length=False).batches(0)
+    assert padding_fraction(grouped, src, tgt) < 0.1 < 0.3 < padding_fraction(shuffled, src, tgt)
+
+
+def test_official_and_flattened_test_sets_give_the_same_examples() -> None:
+    official = [
+        {"fname": "test_0", "dialogue": "D0", "summary1": "a", "summary2": "b", "summary3": "c", "topic1": "t"},
+        {"fname": "test_1", "dialogue": "D1", "summary1": "d", "summary2": "e", "summary3": "f", "topic1": "t"},
+    ]
+    flattened = [
+        {"fname": f"test_{i}", "dialogue": f"D{i}", "summary": s, "topic": "t"}
+        for i, refs in enumerate((("a", "b", "c"), ("d", "e", "f")))
+        for s in refs
+    ]
+    args = DataArguments()
+    a, b = eval_examples(official, args), eval_examples(flattened, args)
+    assert [(e.id, e.dialogue, e.references) for e in a] == [(e.id, e.dialogue, e.references) for e in b]
+    assert a[1].references == ["d", "e", "f"]
+    assert len(eval_examples(flattened, args, limit=1)) == 1
