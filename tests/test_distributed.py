@@ -1,0 +1,251 @@
+"""Multi-process CPU training that really is multi-process, checked with real `accelerate launch` runs.
+
+A tiny probe script (build the Accelerator, all-reduce, finish) shows the launch mechanics; the real
+training scripts then run on 2 CPU processes over gloo with the quickstart model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, accelerate_launch, run_script, subprocess_env
+from safetensors.torch import load_file
+
+from dialogsum.distributed import launch_request_from_argv
+
+CONFIGS = REPO / "accelerate_configs"
+
+PROBE = """
+import json, sys, torch
+from dialogsum.distributed import build_accelerator, finish, is_zero3, topology
+from dialogsum.errors import UserError
+try:
+    accelerator = build_accelerator()
+except UserError as exc:
+    sys.stderr.write(f"error: {exc}\\n")
+    sys.exit(1)
+total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0]), reduction="sum")
+print("PROBE " + json.dumps({**topology(accelerator), "sum": float(total), "threads": torch.get_num_threads(),
+                             "zero3": is_zero3(accelerator)}), flush=True)
+finish(accelerator)
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("probe") / "probe.py"
+    path.write_text(PROBE)
+    return path
+
+
+def launch(launch_args: list[str], script: Path, timeout: int = 180) -> tuple[int, list[dict], str]:
+    """Run ``accelerate launch <launch_args> script``; return (exit code, probe reports, stderr)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(script)]
+    env = subprocess_env()
+    env.pop("OMP_NUM_THREADS", None)  # as on a fresh shell: the launcher decides
+    proc = run_script(cmd, timeout=timeout, env=env)
+    reports = [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    return proc.returncode, reports, proc.stderr
+
+
+# ------------------------------------------------------------------------- what the user asked the launcher
+
+
+def test_request_from_num_processes_flag() -> None:
+    request = launch_request_from_argv(["--cpu", "--num_processes", "2", "train.py", "--x", "1"], {})
+    assert request is not None
+    assert request.num_processes == 2 and request.use_cpu
+    assert not request.threads_explicit
+
+
+def test_request_from_config_file_and_flag_override() -> None:
+    config = str(CONFIGS / "multi_cpu.yaml")
+    request = launch_request_from_argv(["--config_file", config, "train.py"], {})
+    assert request is not None and request.num_processes == 2 and request.use_cpu
+    request = launch_request_from_argv(["--config_file", config, "--num_processes=3", "train.py"], {})
+    assert request is not None and request.num_processes == 3
+
+
+def test_request_notices_user_thread_choice() -> None:
+    request = launch_request_from_argv(["--num_cpu_threads_per_process", "1", "train.py"], {})
+    assert request is not None and request.threads_explicit
+    request = launch_request_from_argv(["train.py"], {"OMP_NUM_THREADS": "1"})
+    assert request is not None and request.threads_explicit
+
+
+# ------------------------------------------------------------------------- real launches of the probe
+
+
+def test_multi_cpu_config_runs_two_communicating_processes(probe: Path) -> None:
+    code, reports, stderr = launch(["--config_file", str(CONFIGS / "multi_cpu.yaml")], probe)
+    assert code == 0, stderr[-3000:]
+    assert sorted(r["process_index"] for r in reports) == [0, 1]
+    for r in reports:
+        assert r["num_processes"] == 2
+        assert r["distributed_type"] == "MULTI_CPU"
+        assert r["sum"] == 3.0  # 1 + 2: the all-reduce really crossed processes
+        assert r["device"].startswith("cpu")
+        assert not r["zero3"]
+
+
+@pytest.mark.parametrize(
+    "launch_args",
+    [["--cpu", "--num_processes", "2"], ["--config_file", "MULTI_CPU"]],
+    ids=["cpu-flag", "multi-cpu-config"],
+)
+def test_silent_single_process_launches_are_refused(probe: Path, tmp_path: Path, launch_args: list[str]) -> None:
+    if launch_args[-1] == "MULTI_CPU":
+        config = tmp_path / "multi_cpu_type.yaml"
+        config.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\nmixed_precision: 'no'\n")
+        launch_args = ["--config_file", str(config)]
+    code, reports, stderr = launch(launch_args, probe)
+    assert code != 0
+    assert reports == []
+    assert "error: 2 processes were requested" in stderr
+    assert "accelerate_configs/multi_cpu.yaml" in stderr
+
+
+@pytest.mark.parametrize(
+    "launch_args",
+    [["--num_processes", "1"], ["--config_file", str(CONFIGS / "cpu.yaml")]],
+    ids=["plain-launch", "cpu-config"],
+)
+def test_single_cpu_process_uses_every_core(probe: Path, launch_args: list[str]) -> None:
+    code, reports, stderr = launch(launch_args, probe)
+    assert code == 0, stderr[-3000:]
+    (report,) = reports
+    assert report["num_processes"] == 1
+    # `accelerate launch --num_processes 1` exports OMP_NUM_THREADS=1; build_accelerator restores all cores.
+    assert report["threads"] == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.slow
+def test_repeated_launches_exit_cleanly(probe: Path) -> None:
+    """gloo used to abort at exit about one run in four; every launch must exit 0."""
+    repeats = int(os.environ.get("DIALOGSUM_LAUNCH_REPEATS", "20"))
+    failures = []
+    for attempt in range(repeats):
+        code, reports, stderr = launch(["--config_file", str(CONFIGS / "multi_cpu.yaml")], probe)
+        if code != 0 or len(reports) != 2:
+            failures.append((attempt, code, stderr[-800:]))
+    assert not failures, failures[:2]
+
+
+# ------------------------------------------------------------------------- the real training scripts
+
+FAST = [
+    "--quickstart",
+    "--report_to",
+    "none",
+    "--max_train_steps",
+    "6",
+    "--per_device_train_batch_size",
+    "8",
+    "--max_test_samples",
+    "7",  # not divisible by the world size
+    "--per_device_eval_batch_size",
+    "2",
+    "--logging_steps",
+    "2",
+]
+
+
+def _read_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _predictions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_process_training(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    proc = accelerate_launch("multi_cpu.yaml", f"train_{method}.py", [*FAST, "--output_dir", str(out)], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = _read_metrics(out)
+    assert metrics["num_processes"] == 2
+    assert metrics["distributed_type"] == "MULTI_CPU"
+    assert metrics["train_steps"] == 6
+    # exactly N predictions, each dialogue once, for N = 7 on 2 processes
+    preds = _predictions(out)
+    assert metrics["num_eval_examples"] == 7 and len(preds) == 7
+    assert len({p["id"] for p in preds}) == 7
+    assert "effective batch: 8 per device x 1 accumulation x 2 process(es) = 16" in proc.stderr
+    # the LR schedule advances once per optimizer step: steps 2, 4, 6 logged, lr strictly decreasing
+    # (linear decay after warm-up) and the logged step never exceeds the optimizer steps.
+    history = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    train_logs = [h for h in history if "loss" in h and "learning_rate" in h]
+    assert [h["step"] for h in train_logs] == [2, 4, 6]
+    lrs = [h["learning_rate"] for h in train_logs]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    weights = out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")
+    assert all(t.numel() > 0 for t in load_file(str(weights)).values())
+
+
+def _dropout_free_copy(model_dir: Path, dest: Path) -> Path:
+    """The quickstart model with every dropout at 0, so 1 and 2 processes must compute the same update."""
+    shutil.copytree(model_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    assert config.get("dropout_rate", 0.0) == 0.0
+    return dest
+
+
+@pytest.mark.slow
+def test_accumulation_matches_processes(quickstart_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """1 process x accumulation 2 and 2 processes x accumulation 1 take the same optimizer steps."""
+    model_dir, data_dir = quickstart_assets
+    model = _dropout_free_copy(model_dir, tmp_path / "model")
+    common = [
+        "--model_name_or_path",
+        str(model),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--test_file",
+        str(data_dir / "test.jsonl"),
+        "--do_eval",
+        "false",
+        "--report_to",
+        "none",
+        "--max_train_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_source_length",
+        "96",
+        "--max_target_length",
+        "32",
+        "--learning_rate",
+        "3e-3",
+        "--max_grad_norm",
+        "0",
+        "--seed",
+        "7",
+    ]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    p1 = accelerate_launch(
+        "cpu.yaml", "train_full.py", [*common, "--gradient_accumulation_steps", "2", "--output_dir", str(one)]
+    )
+    assert p1.returncode == 0, p1.stderr[-4000:]
+    p2 = accelerate_launch(
+        "multi_cpu.yaml", "train_full.py", [*common, "--gradient_accumulation_steps", "1", "--output_dir", str(two)]
+    )
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    start = load_file(str(model / "model.safetensors"))
+    a = load_file(str(one / "model.safetensors"))
+    b = load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0.0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        if name in start:
+            moved = max(moved, float((a[name] - start[name]).abs().max()))
+    assert moved > 1e-3, "training must have changed the weights for the comparison to mean anything"
