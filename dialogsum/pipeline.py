@@ -50,7 +50,7 @@ from dialogsum.modeling import (
 )
 from dialogsum.quickstart import build_quickstart_assets
 from dialogsum.tracking import finish_tracking, peak_memory_mb, resolve_trackers, start_tracking
-from dialogsum.training import build_optimizer, build_scheduler, plan_steps, train_loop
+from dialogsum.training import build_optimizer, build_scheduler, check_mixed_precision, plan_steps, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,11 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
     from accelerate.utils import set_seed
 
     t = cfg.train
+    check_mixed_precision(accelerator.mixed_precision, cfg.model.model_name_or_path)
     if t.quickstart:
         cfg = with_quickstart_assets(cfg, accelerator)
+    if resume is not None:  # before any loading: a mismatched checkpoint is refused in seconds
+        check_compatible(read_state(resume), cfg, accelerator.num_processes, resume)
     set_seed(t.seed)
     splits = load_splits(cfg.data, splits_needed)
     model, tokenizer = build_model_and_tokenizer(cfg)
@@ -226,7 +229,6 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
         accelerator.register_for_checkpointing(scheduler)
         log_batch_arithmetic(cfg, accelerator.num_processes, steps_per_epoch, total_steps)
         if resume is not None:
-            check_compatible(read_state(resume), cfg, accelerator.num_processes, resume)
             state = load_checkpoint(accelerator, resume)
             logger.info("resumed from %s at step %d (epoch %d)", resume, state.step, state.epoch)
         start_tracking(accelerator, cfg, {"parameters": params, "total_optimizer_steps": total_steps})
