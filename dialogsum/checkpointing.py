@@ -1,9 +1,15 @@
 """Training checkpoints: atomic save, ``latest`` lookup, retention, exact resume and compatibility checks.
 
 A checkpoint is written to ``checkpoint-<step>.tmp`` by every process (``accelerator.save_state``: weights,
-optimizer, scheduler, RNG states), then the main process writes ``trainer_state.json`` last and renames the
-folder to ``checkpoint-<step>``. A kill at any moment therefore leaves either a complete checkpoint or a
-``.tmp`` folder that :func:`find_latest` ignores.
+optimizer, scheduler, RNG states), its files are flushed to disk, then the main process writes
+``trainer_state.json`` last and renames the folder to ``checkpoint-<step>``. A kill at any moment therefore
+leaves either a complete checkpoint or a ``.tmp`` folder that :func:`find_latest` ignores. Folders are deleted
+the same way round: renamed to ``*.deleting`` first (atomic), then removed, so a kill during a deletion never
+leaves a half-deleted folder under a checkpoint name.
+
+A model with frozen parameters (LoRA) is checkpointed with its trainable tensors only: the frozen base comes
+from ``--model_name_or_path`` on resume, as it did at the start. For flan-t5-base with LoRA r=32 that is
+~14 MB of weights per checkpoint instead of ~1 GB.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +34,20 @@ from dialogsum.errors import UserError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+TRAINABLE_ONLY_FILE = "trainable_only.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|deleting|replaced)$")
 
 #: Settings that must match between a checkpoint and the run resuming from it (else the run is not "the
-#: same run"): method, model, data and batch order.
+#: same run"): method, model, data, batch order, and the optimizer settings that the checkpoint's optimizer
+#: and scheduler state would silently override.
 RESUME_KEYS = (
     "method",
     "model_name_or_path",
     "dataset_name",
     "train_file",
+    "text_column",
+    "summary_column",
     "prompt_template",
     "max_source_length",
     "max_target_length",
@@ -46,18 +57,23 @@ RESUME_KEYS = (
     "seed",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
-    "text_column",
-    "summary_column",
 )
 
 
 @dataclass
 class TrainState:
-    """Counters of the loop; saved as JSON in every checkpoint."""
+    """Counters and running sums of the loop; saved as JSON in every checkpoint.
+
+    The running sums let a resumed run write the same log lines as an uninterrupted one: a log window that
+    straddles the checkpoint continues from the saved sums instead of starting empty.
+    """
 
     step: int = 0
     """Optimizer steps done."""
@@ -66,16 +82,41 @@ class TrainState:
     batches_in_epoch: int = 0
     """Sampler batches (all processes together) consumed in the current epoch."""
     best_metric: float | None = None
+    """Best value of --metric_for_best so far."""
     best_step: int | None = None
+    """Step at which it was reached."""
     best_checkpoint: str | None = None
+    """Folder name of the checkpoint saved at the best step (never pruned)."""
     evals_without_improvement: int = 0
+    """Evaluations since the last improvement (early stopping)."""
     num_processes: int = 1
+    """World size of the run (the batch order depends on it)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    """Settings a resumed run must share (see RESUME_KEYS)."""
+    window_loss: float = 0.0
+    """Sum of micro-batch losses (all processes) in the current log window."""
+    window_micro_batches: int = 0
+    """Micro-batches per process in the current log window."""
+    window_tokens: int = 0
+    """Real tokens (all processes) in the current log window."""
+    window_samples: int = 0
+    """Examples (all processes) in the current log window."""
+    total_loss: float = 0.0
+    """Sum of micro-batch losses (all processes) since the start of training."""
+    total_micro_batches: int = 0
+    """Micro-batches per process since the start of training."""
+    total_tokens: int = 0
+    """Real tokens (all processes) logged since the start of training."""
+    total_samples: int = 0
+    """Examples (all processes) logged since the start of training."""
+    elapsed_s: float = 0.0
+    """Training time before this process started (earlier runs of a resumed training)."""
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint."""
     flat = cfg.to_dict()
+    flat["learning_rate"] = cfg.learning_rate
     keys = RESUME_KEYS if cfg.method == "lora" else tuple(k for k in RESUME_KEYS if not k.startswith("lora_"))
     return {k: flat[k] for k in keys}
 
@@ -99,6 +140,9 @@ def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --------------------------------------------------------------------------------------------- finding
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -138,9 +182,13 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> TrainState:
-    """Load ``trainer_state.json`` of a checkpoint."""
-    data = json.loads((checkpoint / STATE_FILE).read_text())
-    return TrainState(**data)
+    """Load ``trainer_state.json`` of a checkpoint (keys this version does not know are ignored)."""
+    try:
+        data = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {checkpoint / STATE_FILE}: {exc}") from exc
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in data.items() if k in known})
 
 
 def check_compatible(state: TrainState, cfg: Config, num_processes: int, checkpoint: Path) -> None:
@@ -157,8 +205,111 @@ def check_compatible(state: TrainState, cfg: Config, num_processes: int, checkpo
         raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)})")
 
 
+# --------------------------------------------------------------------------------------------- saving
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str] | None:
+    """Names of the trainable parameters, or None when every parameter trains (nothing to leave out)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return names if frozen else None
+
+
+def _save_trainable_only(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate save hook: keep only trainable tensors of models that have frozen parameters."""
+    if len(weights) != len(models):  # DeepSpeed/FSDP save their own weights; leave them alone
+        return
+    reduced = {}
+    for i, model in enumerate(models):
+        names = _trainable_names(model)
+        if names is None:
+            continue
+        weights[i] = {k: v for k, v in weights[i].items() if k in names}
+        reduced[str(i)] = sorted(weights[i])
+    if reduced:
+        (Path(output_dir) / TRAINABLE_ONLY_FILE).write_text(json.dumps(reduced))
+
+
+def _load_trainable_only(models: list[torch.nn.Module], input_dir: str) -> None:
+    """accelerate load hook: load trainable-only weights non-strictly (the frozen base is already in place)."""
+    marker = Path(input_dir) / TRAINABLE_ONLY_FILE
+    if not marker.is_file() or not models:
+        return
+    from safetensors.torch import load_file
+
+    reduced = json.loads(marker.read_text())
+    for i, model in enumerate(models):
+        if str(i) not in reduced:
+            raise UserError(f"checkpoint {input_dir} holds partial weights for some models only; cannot load it")
+        ending = f"_{i}" if i else ""
+        tensors = load_file(str(Path(input_dir) / f"model{ending}.safetensors"))
+        names = _trainable_names(model) or {n for n, _ in model.named_parameters()}
+        missing_trainable = sorted(names - set(tensors))
+        unexpected = sorted(set(tensors) - set(model.state_dict()))
+        if missing_trainable or unexpected:
+            problem = missing_trainable[:3] if missing_trainable else unexpected[:3]
+            raise UserError(
+                f"checkpoint {input_dir} does not match this model (e.g. {', '.join(problem)}); "
+                "were the LoRA settings or the model changed?"
+            )
+        model.load_state_dict(tensors, strict=False)
+    models.clear()  # loaded here; accelerate must not load them again (strictly) from the reduced file
+
+
+def install_checkpoint_hooks(accelerator: Any) -> None:
+    """Make ``save_state``/``load_state`` store only trainable tensors of partly frozen models (idempotent)."""
+    if getattr(accelerator, "_dialogsum_hooks", False):
+        return
+    accelerator.register_save_state_pre_hook(_save_trainable_only)
+    accelerator.register_load_state_pre_hook(_load_trainable_only)
+    accelerator._dialogsum_hooks = True
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of ``directory`` (and the folder itself) to disk before it is renamed into place."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path, suffix: str) -> None:
+    """Delete a folder without ever leaving it half-deleted under its own name: rename first, then remove."""
+    trash = path.with_name(path.name + suffix)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainState, cfg: Config) -> Path:
-    """Write a complete checkpoint atomically; on failure (e.g. disk full) remove the partial folder."""
+    """Write a complete checkpoint atomically; on failure (e.g. disk full) remove the partial folder.
+
+    Every process must call this. Raises :class:`UserError` when the checkpoint cannot be written; earlier
+    checkpoints are untouched in that case.
+    """
+    install_checkpoint_hooks(accelerator)
     root = Path(output_dir)
     final = root / f"checkpoint-{state.step}"
     tmp = root / f"checkpoint-{state.step}.tmp"
@@ -169,49 +320,78 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainState,
         accelerator.save_state(str(tmp))
         with open(_rng_file(tmp, accelerator.process_index), "wb") as fh:
             pickle.dump(capture_rng(), fh)
+        _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             cfg.save(tmp / "config.yaml")
-            _write_json_synced(tmp / STATE_FILE, asdict(state))
+            _write_json_synced(tmp / STATE_FILE, asdict(state))  # last: its presence marks a complete folder
             if final.exists():
-                shutil.rmtree(final)
+                _remove(final, ".replaced")
             os.replace(tmp, final)
-    except OSError as exc:
+            _fsync_dir(root)
+    except Exception as exc:  # noqa: BLE001 - any write failure (OSError, torch/safetensors I/O errors)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"could not save checkpoint {final} ({exc.strerror or exc}); earlier checkpoints are intact"
-        ) from exc
+        if not _is_write_failure(exc):
+            raise
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+        latest = find_latest(root)
+        kept = f"the latest complete checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+        raise UserError(f"could not write checkpoint {final} ({reason}); is the disk full? {kept}") from exc
     accelerator.wait_for_everyone()
     return final
 
 
-def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from writing files (disk full, file too large, permissions, I/O error)."""
+    if isinstance(exc, OSError):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(
+        k in text for k in ("write", "no space", "file too large", "disk quota", "i/o error", "ioerror", "safetensor")
+    )
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int | None, protect: str | None) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints, never the ``protect``ed (best) one."""
-    if keep is None:
+    if not keep:
         return []
     dirs = checkpoint_dirs(output_dir)
-    removable = [d for d in dirs[:-keep] if protect is None or d.name != Path(protect).name] if keep else dirs
+    removable = [d for d in dirs[:-keep] if protect is None or d.name != Path(protect).name]
     for path in removable:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path, ".deleting")
     return removable
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """Delete partial folders left by a run killed while saving or deleting (``checkpoint-N.tmp`` etc.)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.is_dir() and _LEFTOVER.match(p.name)]
+    for path in leftovers:
+        logger.info("removing incomplete checkpoint folder %s (left by an interrupted run)", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+# --------------------------------------------------------------------------------------------- loading
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG from ``checkpoint``; return its loop counters."""
-    accelerator.load_state(str(checkpoint))
+    install_checkpoint_hooks(accelerator)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise UserError(f"cannot load checkpoint {checkpoint}: {str(exc).splitlines()[0][:300]}") from exc
     return read_state(checkpoint)
 
 
 def load_rng(checkpoint: Path, rank: int) -> None:
-    """Restore this process's RNG states from a checkpoint (after the data iterator has been created)."""
+    """Restore this process's RNG states from a checkpoint (at the point of the loop where they were saved)."""
     path = _rng_file(checkpoint, rank)
     if path.is_file():
         with open(path, "rb") as fh:

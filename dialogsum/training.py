@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from dialogsum.checkpointing import (
     TrainState,
+    find_latest,
     load_rng,
     prune_checkpoints,
+    remove_leftovers,
     save_checkpoint,
 )
 from dialogsum.config import Config
@@ -33,6 +35,30 @@ from dialogsum.errors import UserError
 logger = logging.getLogger(__name__)
 
 NO_DECAY = ("bias", "layer_norm", "layernorm", "ln_")
+
+
+def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None:
+    """Refuse fp16 for T5-family models: their activations overflow fp16's range (loss becomes NaN).
+
+    ``mixed_precision`` comes from the accelerate launcher (``accelerator.mixed_precision``). The model type is
+    read from a local ``config.json`` when there is one, otherwise taken from the hub id (``google/flan-t5-base``).
+    """
+    if mixed_precision != "fp16":
+        return
+    config = Path(model_name_or_path) / "config.json"
+    if config.is_file():
+        try:
+            model_type = str(json.loads(config.read_text()).get("model_type", "t5"))
+        except (OSError, json.JSONDecodeError):
+            model_type = "t5"
+    else:
+        model_type = model_name_or_path
+    if "t5" in model_type.lower():
+        raise UserError(
+            "mixed precision fp16 is not supported for T5 models (their activations overflow in fp16 and the "
+            "loss becomes NaN); use bf16 (accelerate launch --mixed_precision bf16, or mixed_precision: bf16 "
+            "in the accelerate config) or no mixed precision"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -127,32 +153,56 @@ def train_loop(
 ) -> TrainResult:
     """Run optimizer steps until ``total_steps`` (or early stopping); return loss, timing and counters.
 
-    ``state`` holds the counters to start from (zero, or those of the checkpoint being resumed).
+    ``state`` holds the counters to start from (zero, or those of the checkpoint being resumed);
+    ``resume_from`` is that checkpoint, whose RNG states are put back at the point where they were saved.
     ``evaluate(step)`` returns eval metrics (``eval_loss`` and optionally ROUGE) for periodic evaluation.
     """
     t = cfg.train
     world = accelerator.num_processes
     main = accelerator.is_main_process
+    if main:
+        remove_leftovers(t.output_dir)
     history = HistoryWriter(Path(t.output_dir) / "log_history.jsonl" if main else None, keep_from_step=state.step)
     params = [p for p in model.parameters() if p.requires_grad]
     checkpoint_every = int(t.checkpointing_steps) if t.checkpointing_steps and t.checkpointing_steps != "epoch" else 0
+    batches_per_epoch = math.ceil(len(sampler.lengths) / sampler.batch_size)  # all processes together
+    if state.batches_in_epoch >= batches_per_epoch:
+        # saved on the last batch of an epoch: the uninterrupted run goes straight on to the next epoch
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     progress = tqdm(
         total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process
     )
 
-    # running sums live on the device: no host sync until a log line is due
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = 0
-    window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    window_samples = 0
-    total_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    total_micro = 0
-    total_tokens = 0
-    total_samples = 0
+    # Running sums live on the device: no host sync until a log line is due. A resumed run starts from the
+    # sums saved in its checkpoint (held by the main process; reductions add them up), so its log lines and
+    # train_loss are those of the uninterrupted run.
+    def restored(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(value if main else 0, device=accelerator.device, dtype=dtype)
+
+    loss_sum = restored(state.window_loss, torch.float32)
+    loss_count = state.window_micro_batches
+    window_tokens = restored(state.window_tokens, torch.long)
+    window_samples = state.window_samples if main else 0
+    total_loss = restored(state.total_loss, torch.float64)
+    total_micro = state.total_micro_batches
+    total_tokens, total_samples = state.total_tokens, state.total_samples
     grad_norm: Any = None
+    last_saved = -1
     window_start = start = time.perf_counter()
+    elapsed_before = state.elapsed_s
     stopped_early = False
     model.train()
+
+    def diverged(where: str) -> UserError:
+        latest = find_latest(t.output_dir)
+        kept = (
+            f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
+            if latest
+            else "no checkpoint was saved before this"
+        )
+        return UserError(
+            f"{where} at step {state.step}: training diverged; lower --learning_rate or check the data; {kept}"
+        )
 
     def log_window() -> None:
         nonlocal loss_sum, loss_count, window_tokens, window_samples, window_start, total_tokens, total_samples
@@ -163,16 +213,13 @@ def train_loop(
         stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
         mean_loss = stats[0].item() / max(loss_count * world, 1)
         if not math.isfinite(mean_loss):
-            raise UserError(
-                f"loss became {mean_loss} at step {state.step}: training diverged; lower "
-                f"--learning_rate or check the data. The last checkpoint saved before this is intact."
-            )
+            raise diverged(f"loss became {mean_loss}")
         tokens, samples = int(stats[1].item()), int(stats[2].item())
         total_tokens += tokens
         total_samples += samples
         event = {
             "step": state.step,
-            "epoch": round(state.epoch + state.batches_in_epoch / max(len(sampler), 1), 4),
+            "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4),
             "loss": round(mean_loss, 6),
             "learning_rate": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -190,24 +237,55 @@ def train_loop(
         window_start = time.perf_counter()
 
     def checkpoint() -> None:
-        if loss_count:
-            check = accelerator.reduce(loss_sum.clone(), reduction="sum") if world > 1 else loss_sum
-            if not torch.isfinite(check).item():
-                raise UserError(
-                    f"loss is not finite at step {state.step}; not saving this state. The last "
-                    "checkpoint saved before this is intact."
-                )
+        nonlocal last_saved
+        if state.step == last_saved:  # e.g. a best-metric save and a scheduled save at the same step
+            return
+        # Never save a diverged state: the window's losses and the weights themselves must be finite.
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all().float()
+        sums = torch.stack(
+            [
+                loss_sum.double(),
+                window_tokens.double(),
+                torch.tensor(float(window_samples), device=accelerator.device, dtype=torch.float64),
+                total_loss,
+                finite.double(),
+            ]
+        )
+        if world > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        if not math.isfinite(sums[0].item()):
+            raise diverged("loss is not finite (not saving this state)")
+        if sums[4].item() < world:
+            raise diverged("weights are not finite (not saving this state)")
+        state.window_loss, state.window_micro_batches = sums[0].item(), loss_count
+        state.window_tokens, state.window_samples = int(sums[1].item()), int(sums[2].item())
+        state.total_loss, state.total_micro_batches = sums[3].item(), total_micro
+        state.total_tokens, state.total_samples = total_tokens, total_samples
+        state.elapsed_s = elapsed_before + time.perf_counter() - start
         path = save_checkpoint(accelerator, t.output_dir, state, cfg)
-        prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+        last_saved = state.step
+        if main:
+            prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+        accelerator.wait_for_everyone()
         logger.info("saved checkpoint %s", path)
 
     while state.step < total_steps and not stopped_early:
+        # accelerate's prepared loader calls set_epoch(<its own iteration count>) on the sampler when iterated;
+        # align that count with ours, then choose where in the epoch to start (exact resume)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch, skip_batches=state.batches_in_epoch)
-        batches = iter(train_loader)
-        if resume_from is not None:
-            load_rng(resume_from, accelerator.process_index)  # after iter(): DataLoader draws a seed from torch
+        if resume_from is not None and state.batches_in_epoch == 0:
+            # resuming at an epoch start: starting the loader draws from the torch RNG after this point, as
+            # it did in the uninterrupted run
+            load_rng(resume_from, accelerator.process_index)
             resume_from = None
-        for batch in batches:
+        for batch in train_loader:
+            if resume_from is not None:
+                # resuming mid-epoch: the uninterrupted run started this epoch's loader (one RNG draw) before
+                # the checkpoint was taken, so restore the RNG only once the loader has started
+                load_rng(resume_from, accelerator.process_index)
+                resume_from = None
             num_tokens = batch.pop("num_tokens")
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
@@ -244,8 +322,10 @@ def train_loop(
     if loss_count:
         log_window()
     progress.close()
-    runtime = time.perf_counter() - start
+    runtime = elapsed_before + time.perf_counter() - start
     mean = total_loss / max(total_micro, 1)
+    # mean over processes of per-process means; a resumed run's restored sums sit on the main process only,
+    # which gives the same result (sum of all losses / (micro-batches per process x processes))
     mean = accelerator.reduce(mean, reduction="mean") if world > 1 else mean
     return TrainResult(
         state=state,
