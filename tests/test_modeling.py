@@ -1,0 +1,127 @@
+"""Modeling: LoRA parameter count on the real flan-t5-base shape, adapter and full save/load round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+from dialogsum.config import LoraArguments
+from dialogsum.errors import UserError
+from dialogsum.modeling import (
+    apply_lora,
+    check_model_source,
+    load_adapter,
+    load_for_inference,
+    model_from_config,
+    parameter_report,
+    save_model,
+    untie_lm_head,
+)
+
+# google/flan-t5-base's config.json, written out so the test runs on a fresh clone without ../shared
+FLAN_T5_BASE = dict(
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=2048,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_heads=12,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+)
+
+
+def _flan_t5_base_on_meta() -> torch.nn.Module:
+    with torch.device("meta"):  # the real shapes without allocating ~1 GB
+        model = T5ForConditionalGeneration(T5Config(**FLAN_T5_BASE))
+        untie_lm_head(model)  # the released checkpoint has its own lm_head
+    return model
+
+
+def test_lora_on_flan_t5_base_has_the_labs_trainable_count() -> None:
+    model = apply_lora(_flan_t5_base_on_meta(), LoraArguments())
+    report = parameter_report(model)
+    assert report["trainable_params"] == 3_538_944
+    assert report["total_params"] == 247_577_856 + 3_538_944
+    assert report["trainable_percent"] == pytest.approx(1.41, abs=0.005)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert len(trainable) == 2 * 2 * (12 * 1 + 12 * 2)  # q and v, A and B, encoder self + decoder self/cross
+
+
+def test_real_config_gives_untied_checkpoint_size(flan_t5_base_dir: Path) -> None:
+    model = model_from_config(str(flan_t5_base_dir))
+    assert parameter_report(model)["total_params"] == 247_577_856
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+
+
+def _perturb_lora(model: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # lora_B starts at zero: make the adapter actually change outputs
+
+
+def test_adapter_save_then_load_reproduces_generations(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    model = apply_lora(base, LoraArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    _perturb_lora(model)
+    model.eval()
+    inputs = tokenizer(["#Person1#: Hi Alice , where are you going on Monday ?"], return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=12, num_beams=1, do_sample=False)
+    decoder = torch.tensor([[0, 5, 9, 13]])
+    with torch.no_grad():
+        expected_logits = model(**inputs, decoder_input_ids=decoder).logits
+
+    accelerator = Accelerator(cpu=True)
+    size = save_model(accelerator, model, tokenizer, tmp_path / "adapter")
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    assert 0 < size < 1.0
+
+    reloaded = load_for_inference(str(tiny_model_dir), str(tmp_path / "adapter"))
+    assert parameter_report(reloaded)["trainable_params"] == 0
+    again = reloaded.generate(**inputs, max_new_tokens=12, num_beams=1, do_sample=False)
+    assert torch.equal(expected, again)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs, decoder_input_ids=decoder).logits, expected_logits, atol=1e-6)
+        plain = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))(**inputs, decoder_input_ids=decoder).logits
+    assert (plain - expected_logits).abs().max() > 1e-2  # the adapter really matters
+
+
+def test_full_model_keeps_its_own_lm_head(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # make sure the head differs from the embedding
+    save_model(Accelerator(cpu=True), model, tokenizer, tmp_path / "full")
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "full"))
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.shared.weight.data_ptr()
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(reloaded.shared.weight, model.shared.weight)
+
+
+def test_bad_model_and_adapter_paths(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(UserError, match="not a seq2seq"):
+        check_model_source(str(tmp_path / "gpt"))
+    with pytest.raises(UserError, match="directory not found"):
+        check_model_source(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_adapter(AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)), str(tmp_path))
+    with pytest.raises(UserError, match="--lora_target_modules"):
+        apply_lora(
+            AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)), LoraArguments(lora_target_modules=["qq"])
+        )
