@@ -20,15 +20,14 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    # read by transformers when it is imported (later, only if needed): importing it here would cost ~3 s
+    # before a bad flag could even be reported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _teardown_distributed() -> None:
+    if "torch.distributed" not in sys.modules:  # never started: nothing to tear down (and no slow import)
+        return
     try:
         import torch.distributed as dist
 
@@ -59,9 +58,10 @@ def training_main(method: str, description: str) -> Callable[[Sequence[str] | No
 
     def main(argv: Sequence[str] | None = None) -> object:
         from dialogsum.config import parse_config
-        from dialogsum.pipeline import run_training
 
         cfg = parse_config(argv, method=method, description=description)
+        from dialogsum.pipeline import run_training  # heavy imports (torch, transformers) after the flags check
+
         return run_training(cfg)
 
     return main
