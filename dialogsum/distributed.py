@@ -185,12 +185,15 @@ def build_accelerator(
     gradient_accumulation_steps: int = 1,
     log_with: list[str] | None = None,
     project_dir: str | None = None,
+    per_device_train_batch_size: int | None = None,
 ) -> Accelerator:
     """Build the :class:`~accelerate.Accelerator` for the current launch, checked and tuned for CPU.
 
     * Without a GPU, several processes run on the CPU backend (gloo), DeepSpeed included.
     * Raises :class:`UserError` when the number of processes differs from what the launcher was asked for.
     * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count.
+    * Under DeepSpeed, ``per_device_train_batch_size`` is written into its config (see
+      :func:`set_deepspeed_micro_batch`): required when the training loader uses a batch sampler.
     """
     request = read_launch_request()
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -220,7 +223,23 @@ def build_accelerator(
     if accelerator.device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
         _set_cpu_threads(request, local_world)
+    if per_device_train_batch_size is not None:
+        set_deepspeed_micro_batch(accelerator, per_device_train_batch_size)
     return accelerator
+
+
+def set_deepspeed_micro_batch(accelerator: Accelerator, per_device_train_batch_size: int) -> None:
+    """Tell DeepSpeed the per-process micro-batch size (no-op without DeepSpeed); call before ``prepare``.
+
+    accelerate fills DeepSpeed's ``train_micro_batch_size_per_gpu`` from ``DataLoader.batch_size``, which is
+    None for a loader built on a batch sampler (our length-grouped one): ``prepare`` then fails with "At
+    least one of the dataloaders passed to `accelerate.prepare()` has `None` as batch size".
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = per_device_train_batch_size
 
 
 def is_zero3(accelerator: Accelerator) -> bool:

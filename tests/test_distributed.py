@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from safetensors.torch import load_file
 from dialogsum.distributed import launch_request_from_argv
 
 CONFIGS = REPO / "accelerate_configs"
+#: DeepSpeed compiles its CPU ops once and caches them here (CI keeps this directory between runs).
+TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 PROBE = """
 import json, sys, torch
@@ -35,6 +38,74 @@ print("PROBE " + json.dumps({**topology(accelerator), "sum": float(total), "thre
                              "zero3": is_zero3(accelerator)}), flush=True)
 finish(accelerator)
 """
+
+
+#: The real training entry point (what scripts/train_{full,lora}.py run), with save_model wrapped so that each
+#: rank first records the trained parameters it holds (gathered under ZeRO-3) in $RANK_DIR/rank<i>.safetensors.
+RECORDING_TRAINER = """
+import contextlib, os, sys
+from safetensors.torch import save_file
+import dialogsum.pipeline as pipeline
+from dialogsum.cli import run_cli, training_main
+from dialogsum.distributed import is_zero3
+
+real_save_model = pipeline.save_model
+
+def recording_save_model(accelerator, model, tokenizer, output_dir):
+    unwrapped = accelerator.unwrap_model(model)
+    params = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    gather = contextlib.nullcontext()
+    if is_zero3(accelerator):
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    with gather:
+        tensors = {n.replace(".default.", "."): p.detach().cpu().float().clone().contiguous() for n, p in params}
+    save_file(tensors, os.path.join(os.environ["RANK_DIR"], f"rank{accelerator.process_index}.safetensors"))
+    return real_save_model(accelerator, model, tokenizer, output_dir)
+
+pipeline.save_model = recording_save_model
+method = sys.argv.pop(1)
+run_cli(training_main(method, ""))
+"""
+
+
+def recording_trainer(directory: Path) -> Path:
+    """Write the recording training entry point into ``directory``; return its path."""
+    path = directory / "recording_train.py"
+    path.write_text(RECORDING_TRAINER)
+    return path
+
+
+def launch_recording(
+    config: str, method: str, args: list[str], workdir: Path, launch_args: list[str] | None = None, timeout: int = 400
+) -> tuple[subprocess.CompletedProcess, list[dict[str, torch.Tensor]]]:
+    """Train with the real pipeline under ``accelerate launch``; return the process and each rank's parameters."""
+    rank_dir = workdir / "ranks"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        *(launch_args or []),
+        str(recording_trainer(workdir)),
+        method,
+        *args,
+    ]
+    env = subprocess_env(RANK_DIR=str(rank_dir), TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR)
+    proc = run_script(cmd, timeout=timeout, env=env)
+    ranks = [load_file(str(p)) for p in sorted(rank_dir.glob("rank*.safetensors"))]
+    return proc, ranks
+
+
+def assert_ranks_identical(ranks: list[dict[str, torch.Tensor]], world: int) -> None:
+    """Every rank ended training with exactly the same parameters."""
+    assert len(ranks) == world
+    for other in ranks[1:]:
+        assert other.keys() == ranks[0].keys()
+        for name, value in ranks[0].items():
+            assert torch.equal(value, other[name]), f"{name} differs across ranks"
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +239,9 @@ def _predictions(out: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_process_training(method: str, tmp_path: Path) -> None:
     out = tmp_path / method
-    proc = accelerate_launch("multi_cpu.yaml", f"train_{method}.py", [*FAST, "--output_dir", str(out)], timeout=400)
+    proc, ranks = launch_recording("multi_cpu.yaml", method, [*FAST, "--output_dir", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_ranks_identical(ranks, world=2)
     metrics = _read_metrics(out)
     assert metrics["num_processes"] == 2
     assert metrics["distributed_type"] == "MULTI_CPU"
@@ -186,8 +258,24 @@ def test_two_process_training(method: str, tmp_path: Path) -> None:
     assert [h["step"] for h in train_logs] == [2, 4, 6]
     lrs = [h["learning_rate"] for h in train_logs]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert_saved_equals_trained(out, method, ranks[0])
+
+
+def assert_saved_equals_trained(out: Path, method: str, trained: dict[str, torch.Tensor]) -> None:
+    """The saved weights are non-empty and are the trained ones (adapter: every LoRA tensor)."""
     weights = out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")
-    assert all(t.numel() > 0 for t in load_file(str(weights)).values())
+    saved = load_file(str(weights))
+    assert saved and all(t.numel() > 0 for t in saved.values()), "empty tensors saved (ZeRO-3 gather missing?)"
+    common = [name for name in trained if name in saved]
+    if method == "lora":
+        assert sorted(common) == sorted(saved), "every saved adapter tensor is a trained one"
+        assert any(float(saved[n].abs().max()) > 0 for n in saved if "lora_B" in n), "lora_B still at its zero init"
+    else:
+        assert len(common) >= len(trained) - 1, "all trained parameters saved (tied embeddings count once)"
+    for name in common:
+        torch.testing.assert_close(
+            saved[name].float(), trained[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def _dropout_free_copy(model_dir: Path, dest: Path) -> Path:
