@@ -1,0 +1,492 @@
+"""Evaluation of a trained (or original) model and summarization of new dialogues.
+
+Both reuse the training code path: the same prompt template, the same batched, length-sorted,
+multi-process-safe generation (:func:`dialogsum.evaluation.generate_summaries`) and the same ROUGE
+(:func:`dialogsum.evaluation.evaluate_examples`). A model is a hub id or a local directory, optionally with a
+LoRA adapter on top, loaded for inference only (0 trainable parameters).
+
+* :func:`run_evaluation` (``scripts/evaluate.py``): one unique dialogue per generation, scored against all its
+  references; writes ``metrics.json`` and ``predictions.jsonl``. Given the original model it is the zero-shot
+  baseline.
+* :func:`run_summarize` (``scripts/summarize.py``): one dialogue from a text file or stdin, or many from a
+  jsonl/json/csv/parquet file; writes JSON lines ``{"id", "summary"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dialogsum.config import (
+    Config,
+    DataArguments,
+    GenerationArguments,
+    ModelArguments,
+    TrainingArguments,
+    build_config,
+)
+from dialogsum.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+#: Architecture fields that must agree between an adapter's base model and the model it is put on.
+_ARCHITECTURE_KEYS = (
+    "model_type",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "vocab_size",
+)
+#: The flags each script accepts, by config section (all of a section when None).
+EVALUATE_FLAGS: dict[type, tuple[str, ...] | None] = {
+    ModelArguments: ("model_name_or_path", "tokenizer_name", "adapter_path"),
+    DataArguments: (
+        "dataset_name",
+        "dataset_config_name",
+        "validation_file",
+        "test_file",
+        "text_column",
+        "summary_column",
+        "id_column",
+        "prompt_template",
+        "max_source_length",
+        "max_eval_samples",
+        "max_test_samples",
+        "strict",
+    ),
+    TrainingArguments: ("output_dir", "overwrite_output_dir", "per_device_eval_batch_size", "eval_split", "seed"),
+    GenerationArguments: None,
+}
+SUMMARIZE_FLAGS: dict[type, tuple[str, ...] | None] = {
+    ModelArguments: ("model_name_or_path", "tokenizer_name", "adapter_path"),
+    DataArguments: ("text_column", "id_column", "prompt_template", "max_source_length"),
+    TrainingArguments: ("per_device_eval_batch_size",),
+    GenerationArguments: None,
+}
+TABULAR_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``error:`` line and exits with code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _optional(kind: type) -> Any:
+    def convert(value: str) -> Any:
+        return None if value.lower() in ("none", "null") else kind(value)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def build_parser(description: str, flags: dict[type, tuple[str, ...] | None]) -> argparse.ArgumentParser:
+    """A parser for a subset of the run configuration's fields (same names, help and types as training)."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls, names in flags.items():
+        group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
+        for f in dataclasses.fields(cls):
+            if names is not None and f.name not in names:
+                continue
+            kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+            hint = str(f.type)
+            if hint.startswith("bool"):
+                kwargs.update(type=_boolean, nargs="?", const=True, metavar="BOOL")
+            elif hint.startswith("list"):
+                kwargs.update(nargs="*", type=str)
+            else:
+                kind = int if hint.startswith("int") else float if hint.startswith("float") else str
+                kwargs.update(type=_optional(kind) if "None" in hint else kind)
+            group.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def _adapter_base(adapter_path: str) -> str | None:
+    config_file = Path(adapter_path) / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def config_from_flags(values: dict[str, Any]) -> Config:
+    """Validate parsed flag values into a :class:`Config` (the training validation rules apply).
+
+    With ``--adapter_path`` and no ``--model_name_or_path``, the adapter's own base model is used.
+    """
+    values = dict(values)
+    if values.get("adapter_path") and "model_name_or_path" not in values:
+        base = _adapter_base(values["adapter_path"])
+        if base:
+            logger.info("using the adapter's base model %s", base)
+            values["model_name_or_path"] = base
+    return build_config("full", values)
+
+
+def parse_evaluate_args(argv: Sequence[str] | None, description: str = "") -> Config:
+    """Flags of ``scripts/evaluate.py`` as a validated :class:`Config`."""
+    parser = build_parser(description, EVALUATE_FLAGS)
+    return config_from_flags(vars(parser.parse_args(argv)))
+
+
+@dataclass
+class SummarizeRequest:
+    """What ``scripts/summarize.py`` was asked to do."""
+
+    cfg: Config
+    input_file: str | None
+    """A .txt dialogue, or a .jsonl/.json/.csv/.parquet file of them; None or '-' reads one from stdin."""
+    output_file: str | None
+    """JSON lines output; None writes to stdout."""
+
+
+def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> SummarizeRequest:
+    """Flags of ``scripts/summarize.py``."""
+    parser = build_parser(description, SUMMARIZE_FLAGS)
+    io_group = parser.add_argument_group("input/output")
+    io_group.add_argument(
+        "--input_file",
+        default=None,
+        help="A dialogue as plain text (.txt or any other suffix), or a .jsonl/.json/.csv/.parquet"
+        " file with one dialogue per row (--text_column). Omit or '-' to read stdin.",
+    )
+    io_group.add_argument(
+        "--output_file", default=None, help="Where to write JSON lines {id, summary}; default: standard output."
+    )
+    values = vars(parser.parse_args(argv))
+    input_file, output_file = values.pop("input_file"), values.pop("output_file")
+    # output_dir is required by the shared validation; summaries go to --output_file or stdout.
+    values["output_dir"] = str(Path(output_file).parent) if output_file else "."
+    return SummarizeRequest(config_from_flags(values), input_file, output_file)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _architecture(model_dir: Path) -> dict[str, Any] | None:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return {k: config.get(k) for k in _ARCHITECTURE_KEYS if k in config}
+
+
+def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -> None:
+    """Cheap checks before loading weights: the model folder, the adapter folder and that they fit together.
+
+    An adapter records the base model it was trained on; when that base is a local folder its architecture is
+    compared with the model's, so a mismatch is one clear line instead of a state-dict error.
+    """
+    from dialogsum.modeling import check_model_source
+
+    model_dir = Path(model_name_or_path)
+    if (
+        model_dir.is_dir()
+        and (model_dir / "adapter_config.json").is_file()
+        and not (model_dir / "config.json").exists()
+    ):
+        base = _adapter_base(model_name_or_path) or "its base model"
+        raise UserError(
+            f"{model_name_or_path} is a LoRA adapter, not a model: pass it as --adapter_path "
+            f"(with --model_name_or_path {base})"
+        )
+    check_model_source(model_name_or_path)
+    if not adapter_path:
+        return
+    folder = Path(adapter_path)
+    if not folder.is_dir():
+        raise UserError(f"--adapter_path not found: {adapter_path}")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        hint = " (it holds a full model: pass it as --model_name_or_path)" if (folder / "config.json").exists() else ""
+        raise UserError(f"{adapter_path} is not a LoRA adapter folder (no adapter_config.json){hint}")
+    try:
+        adapter = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_file} is not valid JSON") from exc
+    if adapter.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{adapter_path} holds a {adapter.get('peft_type')} adapter; only LoRA is supported")
+    base = adapter.get("base_model_name_or_path")
+    if not base or base == model_name_or_path:
+        return
+    expected, actual = _architecture(Path(base)), _architecture(model_dir)
+    if expected is None or actual is None:
+        logger.warning("adapter %s was trained on %s, applying it to %s", adapter_path, base, model_name_or_path)
+        return
+    different = [k for k in _ARCHITECTURE_KEYS if expected.get(k) != actual.get(k)]
+    if different:
+        detail = ", ".join(f"{k} {expected.get(k)} vs {actual.get(k)}" for k in different)
+        raise UserError(
+            f"adapter {adapter_path} was trained on {base}, which does not match --model_name_or_path "
+            f"{model_name_or_path} ({detail})"
+        )
+    logger.info("adapter %s was trained on %s (same architecture as %s)", adapter_path, base, model_name_or_path)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def load_generation_model(cfg: Config) -> tuple[torch.nn.Module, Any]:
+    """Model (+ adapter, frozen) and tokenizer for generation."""
+    from dialogsum.modeling import load_for_inference, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
+    model = load_for_inference(cfg.model.model_name_or_path, cfg.model.adapter_path)
+    return model, tokenizer
+
+
+def place_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """Put an inference model where the launch wants it.
+
+    DeepSpeed and FSDP shard the weights, so they go through ``prepare``. Otherwise every process keeps a full
+    copy on its device: DDP refuses a module without trainable parameters, and generation needs no gradient
+    synchronisation anyway (each process generates its own share of the batches).
+    """
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return accelerator.prepare(model)
+    return model.to(accelerator.device)
+
+
+def _weights_size_mb(cfg: Config) -> float | None:
+    """Size on disk of what was evaluated: the adapter if any, else a local model's weights."""
+    from dialogsum.modeling import checkpoint_size_mb
+
+    folder = Path(cfg.model.adapter_path or cfg.model.model_name_or_path)
+    return checkpoint_size_mb(folder) if folder.is_dir() else None
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def run_evaluation(cfg: Config) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` (+ adapter) on ``cfg.train.eval_split``; write metrics.json and predictions.jsonl.
+
+    Every check that needs no weights (output folder, data files, model and adapter) runs first. Under
+    ``accelerate launch`` with several processes the dialogues are split between them and each is generated
+    and scored exactly once. Returns the metrics.
+    """
+    from dialogsum.data import check_data_sources, eval_examples, load_splits
+    from dialogsum.distributed import build_accelerator, finish, topology
+    from dialogsum.evaluation import evaluate_examples
+    from dialogsum.modeling import describe_parameters, parameter_report
+    from dialogsum.pipeline import check_output_dir
+    from dialogsum.tracking import peak_memory_mb
+
+    split = cfg.train.eval_split
+    out = check_output_dir(cfg, resuming=False)
+    check_data_sources(cfg.data, [split])
+    check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
+    accelerator = build_accelerator()
+    try:
+        rows = load_splits(cfg.data, [split])[split]
+        limit = cfg.data.max_test_samples if split == "test" else cfg.data.max_eval_samples
+        examples = eval_examples(rows, cfg.data, limit=limit)
+        logger.info(
+            "%s: %d rows, %d unique dialogues, %d references",
+            split,
+            len(rows),
+            len(examples),
+            sum(len(e.references) for e in examples),
+        )
+        model, tokenizer = load_generation_model(cfg)
+        params = parameter_report(model)
+        logger.info(describe_parameters(params))
+        model = place_model(accelerator, model)
+        start = time.perf_counter()
+        metrics, predictions = evaluate_examples(
+            accelerator,
+            model,
+            tokenizer,
+            examples,
+            cfg.data.prompt_template,
+            cfg.gen,
+            cfg.train.per_device_eval_batch_size,
+            cfg.data.max_source_length,
+            desc=f"evaluating on {split}",
+        )
+        runtime = time.perf_counter() - start
+        metrics.update(
+            {
+                "model_name_or_path": cfg.model.model_name_or_path,
+                "adapter_path": cfg.model.adapter_path,
+                "eval_split": split,
+                "eval_runtime_s": round(runtime, 3),
+                "eval_samples_per_s": round(len(examples) / max(runtime, 1e-9), 3),
+                "checkpoint_size_mb": _weights_size_mb(cfg),
+                "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+                **params,
+            }
+        )
+        if cfg.model.adapter_path:
+            metrics["method"] = "lora"
+        topo = topology(accelerator)
+        metrics.update({k: topo[k] for k in ("num_processes", "distributed_type", "mixed_precision")})
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            # predictions first: metrics.json is the marker of a complete result folder.
+            _atomic_write_text(out / "predictions.jsonl", _jsonl(predictions))
+            cfg.save(out / "config.yaml")
+            _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+            logger.info(
+                "ROUGE (%s) on %d dialogues: %s; written to %s",
+                metrics["headline_protocol"],
+                len(examples),
+                ", ".join(f"{k}={100 * metrics[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")),
+                out,
+            )
+        return metrics
+    finally:
+        finish(accelerator)
+
+
+# --------------------------------------------------------------------------------------------- summarize
+
+
+def _decode(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{source} is not UTF-8 text (bad byte at line {line}); re-save it as UTF-8") from exc
+
+
+def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[str, str]]:
+    """``(id, dialogue)`` pairs to summarize, from stdin, a text file, or a table of dialogues.
+
+    A .jsonl/.json/.csv/.parquet file gives one dialogue per row (``data.text_column``; ids from
+    ``data.id_column`` or the row number); any other file, or stdin, is one dialogue.
+    """
+    from dialogsum.data import read_rows
+
+    if input_file in (None, "-"):
+        text = _decode(sys.stdin.buffer.read(), "standard input")
+        if not text.strip():
+            raise UserError("no dialogue on standard input (pipe one in, or pass --input_file)")
+        return [("stdin", text.strip())]
+    path = Path(input_file)
+    if not path.exists():
+        raise UserError(f"--input_file not found: {input_file}")
+    if path.is_dir():
+        raise UserError(f"--input_file is a directory, expected a file: {input_file}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"--input_file is not readable (permission denied): {input_file}")
+    if path.suffix.lower() not in TABULAR_SUFFIXES:
+        text = _decode(path.read_bytes(), str(path))
+        if not text.strip():
+            raise UserError(f"--input_file {input_file} is empty: no dialogue to summarize")
+        return [(path.stem, text.strip())]
+    rows = read_rows(path)
+    if not rows:
+        raise UserError(f"--input_file {input_file} has no rows")
+    if data.text_column not in rows[0]:
+        raise UserError(
+            f"{input_file} has no column {data.text_column!r} (columns: {', '.join(rows[0])}); set --text_column"
+        )
+    dialogues: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, row in enumerate(rows, start=1):
+        dialogue = row.get(data.text_column)
+        if not isinstance(dialogue, str) or not dialogue.strip():
+            raise UserError(f"{input_file}: row {number} has an empty {data.text_column!r}")
+        example_id = str(row[data.id_column]) if row.get(data.id_column) not in (None, "") else str(number - 1)
+        if example_id in seen:
+            raise UserError(f"{input_file}: row {number} repeats id {example_id!r} (column {data.id_column!r})")
+        seen.add(example_id)
+        dialogues.append((example_id, dialogue.strip()))
+    return dialogues
+
+
+def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
+    """Summarize the requested dialogues; write JSON lines ``{"id", "summary"}``; return the records."""
+    from dialogsum.distributed import build_accelerator, finish
+    from dialogsum.evaluation import generate_summaries
+
+    cfg = request.cfg
+    dialogues = read_dialogues(request.input_file, cfg.data)
+    if request.output_file:
+        target = Path(request.output_file)
+        if target.is_dir():
+            raise UserError(f"--output_file is a directory: {request.output_file}")
+        if not target.parent.is_dir():
+            raise UserError(f"--output_file folder does not exist: {target.parent}")
+    check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
+    accelerator = build_accelerator()
+    try:
+        model, tokenizer = load_generation_model(cfg)
+        model = place_model(accelerator, model)
+        summaries = generate_summaries(
+            accelerator,
+            model,
+            tokenizer,
+            [d for _, d in dialogues],
+            cfg.data.prompt_template,
+            cfg.gen,
+            cfg.train.per_device_eval_batch_size,
+            cfg.data.max_source_length,
+            desc="summarizing",
+        )
+        records = [{"id": i, "summary": s} for (i, _), s in zip(dialogues, summaries, strict=True)]
+        if accelerator.is_main_process:
+            if request.output_file:
+                _atomic_write_text(Path(request.output_file), _jsonl(records))
+                logger.info("wrote %d summaries to %s", len(records), request.output_file)
+            else:
+                sys.stdout.write(_jsonl(records))
+                sys.stdout.flush()
+        return records
+    finally:
+        finish(accelerator)

@@ -1,0 +1,279 @@
+"""evaluate.py: official vs flattened test files, two processes, LoRA adapters, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, run_script, subprocess_env
+
+from dialogsum.config import LAB_PROMPT, LoraArguments
+from dialogsum.errors import UserError
+from dialogsum.inference import parse_evaluate_args, run_evaluation
+from dialogsum.quickstart import build_tiny_t5
+
+SCRIPT = REPO / "scripts" / "evaluate.py"
+NUM_DIALOGUES = 7  # odd: with 2 processes one of them gets a filler batch that must be thrown away
+FLAGS = ["--max_new_tokens", "24", "--per_device_eval_batch_size", "2", "--max_source_length", "96"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
+    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~50x slower)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # also tells build_accelerator the count was chosen
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]) -> dict[str, Path]:
+    """The quick-start tiny T5 briefly trained (so it writes real words), and official/flattened test files."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("evaluate")
+    model_dir, data_dir = quickstart_assets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(30):  # ~30 steps of 8 examples: enough for template words, far from perfect
+        batch = [rows[(step * 8 + i) % len(rows)] for i in range(8)]
+        inputs = tokenizer(
+            [LAB_PROMPT.format(dialogue=r["dialogue"]) for r in batch], padding=True, return_tensors="pt"
+        )
+        labels = tokenizer([r["summary"] for r in batch], padding=True, return_tensors="pt").input_ids
+        labels[labels == tokenizer.pad_token_id] = -100
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    trained = root / "trained"
+    model.save_pretrained(str(trained))
+    tokenizer.save_pretrained(str(trained))
+
+    test_rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()][:NUM_DIALOGUES]
+    official, flattened = [], []
+    for row in test_rows:
+        references = [row["summary"], row["summary"].replace(" on ", " this "), f"A talk about the {row['topic']}."]
+        official.append(
+            {
+                "fname": row["fname"],
+                "dialogue": row["dialogue"],
+                **{f"summary{k}": ref for k, ref in enumerate(references, start=1)},
+                **{f"topic{k}": row["topic"] for k in range(1, 4)},
+            }
+        )
+        # The hub's form: one row per (dialogue, reference), the dialogue text repeated.
+        flattened += [
+            {"id": f"{row['fname']}_{k}", "dialogue": row["dialogue"], "summary": ref, "topic": row["topic"]}
+            for k, ref in enumerate(references, start=1)
+        ]
+    (root / "official.jsonl").write_text("".join(json.dumps(r) + "\n" for r in official))
+    with (root / "flattened.csv").open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["id", "dialogue", "summary", "topic"])
+        writer.writeheader()
+        writer.writerows(flattened)
+    return {"root": root, "model": trained, "official": root / "official.jsonl", "flattened": root / "flattened.csv"}
+
+
+def evaluate(assets: dict[str, Path], test_file: Path, output_dir: Path, *extra: str) -> dict:
+    argv = [
+        "--model_name_or_path",
+        str(assets["model"]),
+        "--test_file",
+        str(test_file),
+        "--output_dir",
+        str(output_dir),
+        *FLAGS,
+        *extra,
+    ]
+    return run_evaluation(parse_evaluate_args(argv))
+
+
+def read_predictions(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def official_run(assets: dict[str, Path]) -> Path:
+    out = assets["root"] / "official_run"
+    evaluate(assets, assets["official"], out)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+def test_official_and_flattened_files_give_the_same_figures(
+    assets: dict[str, Path], official_run: Path, tmp_path: Path
+) -> None:
+    official = json.loads((official_run / "metrics.json").read_text())
+    flattened = evaluate(assets, assets["flattened"], tmp_path / "flat", "--id_column", "id")
+    # One generation per unique dialogue: 7 dialogues, 21 references, from 7 rows or from 21 rows.
+    for metrics in (official, flattened):
+        assert metrics["num_eval_examples"] == NUM_DIALOGUES and metrics["num_references"] == 3 * NUM_DIALOGUES
+        assert metrics["headline_protocol"] == "multi_reference"
+        assert metrics["trainable_params"] == 0 and metrics["num_processes"] == 1
+    for protocol in ("multi_reference", "mean_over_references", "flat"):
+        assert flattened[protocol] == pytest.approx(official[protocol], abs=1e-12)
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert official[key] == official["multi_reference"][key]
+    # The model writes template words: the figures are not trivially zero, and best-match beats the mean.
+    assert 0.1 < official["rouge1"] < 1.0
+    assert official["rouge1"] > official["mean_over_references"]["rouge1"]
+
+    official_rows, flat_rows = read_predictions(official_run), read_predictions(tmp_path / "flat")
+    assert [r["prediction"] for r in official_rows] == [r["prediction"] for r in flat_rows]
+    assert [r["references"] for r in official_rows] == [r["references"] for r in flat_rows]
+    assert len(official_rows) == NUM_DIALOGUES and all(len(r["references"]) == 3 for r in official_rows)
+    assert sorted(p.name for p in official_run.iterdir()) == ["config.yaml", "metrics.json", "predictions.jsonl"]
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_dialogue_once(assets: dict[str, Path], official_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(SCRIPT),
+        "--model_name_or_path",
+        str(assets["model"]),
+        "--test_file",
+        str(assets["official"]),
+        "--output_dir",
+        str(out),
+        *FLAGS,
+    ]
+    result = run_script(command, timeout=300, env=subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
+    rows = read_predictions(out)
+    # 7 dialogues in batches of 2 over 2 processes: 4 batches, so one process runs a filler batch.
+    assert [r["id"] for r in rows] == [r["id"] for r in read_predictions(official_run)]
+    assert len({r["id"] for r in rows}) == NUM_DIALOGUES
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in read_predictions(official_run)]
+    single = json.loads((official_run / "metrics.json").read_text())
+    for protocol in ("multi_reference", "mean_over_references", "flat"):
+        assert metrics[protocol] == pytest.approx(single[protocol], abs=1e-12)
+
+
+def _save_adapter(model_dir: Path, adapter_dir: Path) -> None:
+    from dialogsum.modeling import apply_lora, load_model
+
+    model = apply_lora(load_model(str(model_dir)), LoraArguments(lora_r=4, lora_alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; give the adapter an effect
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(str(adapter_dir))
+
+
+def test_lora_adapter_evaluation(assets: dict[str, Path], official_run: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    _save_adapter(assets["model"], adapter)
+    # No --model_name_or_path: the adapter's recorded base model is used.
+    argv = [
+        "--adapter_path",
+        str(adapter),
+        "--test_file",
+        str(assets["official"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *FLAGS,
+    ]
+    metrics = run_evaluation(parse_evaluate_args(argv))
+    assert metrics["trainable_params"] == 0 and metrics["trainable_percent"] == 0.0
+    assert metrics["method"] == "lora" and metrics["adapter_path"] == str(adapter)
+    assert metrics["model_name_or_path"] == str(assets["model"])
+    assert 0 < metrics["checkpoint_size_mb"] < 0.1  # the adapter's size, not the model's
+    base_rows = read_predictions(official_run)
+    assert [r["prediction"] for r in read_predictions(tmp_path / "out")] != [r["prediction"] for r in base_rows]
+
+
+def test_adapter_for_another_base_model_is_refused(assets: dict[str, Path], tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    _save_adapter(assets["model"], adapter)
+    wider = build_tiny_t5(assets["model"], tmp_path / "wider", d_model=96)
+    out = tmp_path / "out"
+    argv = [
+        "--model_name_or_path",
+        str(wider),
+        "--adapter_path",
+        str(adapter),
+        "--test_file",
+        str(assets["official"]),
+        "--output_dir",
+        str(out),
+    ]
+    result = run_script([sys.executable, str(SCRIPT), *argv], timeout=120, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: adapter ") and "d_model 64 vs 96" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_bad_inputs(assets: dict[str, Path], tmp_path: Path) -> None:
+    base = ["--test_file", str(assets["official"])]
+    adapter = tmp_path / "adapter"
+    _save_adapter(assets["model"], adapter)
+    cases = [
+        (
+            ["--model_name_or_path", str(adapter), *base, "--output_dir", str(tmp_path / "a")],
+            "is a LoRA adapter, not a model: pass it as --adapter_path",
+        ),
+        (
+            [
+                "--model_name_or_path",
+                str(assets["model"]),
+                "--adapter_path",
+                str(assets["model"]),
+                *base,
+                "--output_dir",
+                str(tmp_path / "b"),
+            ],
+            "not a LoRA adapter folder (no adapter_config.json) (it holds a full",
+        ),
+        (
+            [
+                "--model_name_or_path",
+                str(assets["model"]),
+                "--test_file",
+                str(tmp_path / "missing.jsonl"),
+                "--output_dir",
+                str(tmp_path / "c"),
+            ],
+            "data file not found",
+        ),
+        (["--model_name_or_path", str(assets["model"]), *base, "--output_dir", str(assets["root"])], "is not empty"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run_evaluation(parse_evaluate_args(argv))
+    for folder in ("a", "b", "c"):
+        assert not (tmp_path / folder).exists()
