@@ -86,8 +86,10 @@ def untie_lm_head(model: torch.nn.Module) -> None:
     if head is not None and head.weight is embed.weight:
         head.weight = torch.nn.Parameter(torch.randn_like(embed.weight) * embed.weight.std())
         model.config.tie_word_embeddings = False
-        if hasattr(model, "_tied_weights_keys"):
-            model._tied_weights_keys = None
+        for attr in ("_tied_weights_keys", "all_tied_weights_keys"):  # keep the encoder/decoder embedding ties
+            keys = getattr(model, attr, None)
+            if isinstance(keys, dict):
+                setattr(model, attr, {k: v for k, v in keys.items() if not k.startswith("lm_head")})
 
 
 def apply_lora(model: torch.nn.Module, args: LoraArguments, gradient_checkpointing: bool = False) -> torch.nn.Module:

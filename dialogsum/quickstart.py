@@ -139,6 +139,8 @@ def build_tiny_t5(
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
+    from dialogsum.modeling import untie_lm_head
+
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     vocab = (len(tokenizer) + 7) // 8 * 8
     config = T5Config(
@@ -160,6 +162,7 @@ def build_tiny_t5(
     )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
+    untie_lm_head(model)  # transformers ties T5 heads on construction; FLAN-T5 checkpoints have their own
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return Path(directory)

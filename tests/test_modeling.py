@@ -103,8 +103,9 @@ def test_adapter_save_then_load_reproduces_generations(tiny_model_dir: Path, tmp
 def test_full_model_keeps_its_own_lm_head(tiny_model_dir: Path, tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()  # as built: its own head
     with torch.no_grad():
-        model.lm_head.weight.add_(1.0)  # make sure the head differs from the embedding
+        model.lm_head.weight.add_(1.0)  # training moved the head
     save_model(Accelerator(cpu=True), model, tokenizer, tmp_path / "full")
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "full"))
     assert reloaded.lm_head.weight.data_ptr() != reloaded.shared.weight.data_ptr()
