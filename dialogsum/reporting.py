@@ -253,7 +253,7 @@ def plot_throughput(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
         ax.plot(x, y, color=color, marker="o" if len(x) < 30 else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(y) * 1.15 if max(y) > 0 else 1)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save_figure(fig, Path(path))
