@@ -15,6 +15,7 @@ LoRA adapter on top, loaded for inference only (0 trainable parameters).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,9 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dialogsum.config import (
     Config,
@@ -38,6 +37,9 @@ from dialogsum.config import (
     build_config,
 )
 from dialogsum.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -410,8 +412,6 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
     A .jsonl/.json/.csv/.parquet file gives one dialogue per row (``data.text_column``; ids from
     ``data.id_column`` or the row number); any other file, or stdin, is one dialogue.
     """
-    from dialogsum.data import read_rows
-
     if input_file in (None, "-"):
         text = _decode(sys.stdin.buffer.read(), "standard input")
         if not text.strip():
@@ -429,6 +429,8 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
         if not text.strip():
             raise UserError(f"--input_file {input_file} is empty: no dialogue to summarize")
         return [(path.stem, text.strip())]
+    from dialogsum.data import read_rows  # imports torch: only for tables
+
     rows = read_rows(path)
     if not rows:
         raise UserError(f"--input_file {input_file} has no rows")
@@ -452,9 +454,6 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
 
 def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
     """Summarize the requested dialogues; write JSON lines ``{"id", "summary"}``; return the records."""
-    from dialogsum.distributed import build_accelerator, finish
-    from dialogsum.evaluation import generate_summaries
-
     cfg = request.cfg
     dialogues = read_dialogues(request.input_file, cfg.data)
     if request.output_file:
@@ -464,29 +463,36 @@ def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
         if not target.parent.is_dir():
             raise UserError(f"--output_file folder does not exist: {target.parent}")
     check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
-    accelerator = build_accelerator()
-    try:
-        model, tokenizer = load_generation_model(cfg)
-        model = place_model(accelerator, model)
-        summaries = generate_summaries(
-            accelerator,
-            model,
-            tokenizer,
-            [d for _, d in dialogues],
-            cfg.data.prompt_template,
-            cfg.gen,
-            cfg.train.per_device_eval_batch_size,
-            cfg.data.max_source_length,
-            desc="summarizing",
-        )
-        records = [{"id": i, "summary": s} for (i, _), s in zip(dialogues, summaries, strict=True)]
-        if accelerator.is_main_process:
-            if request.output_file:
-                _atomic_write_text(Path(request.output_file), _jsonl(records))
-                logger.info("wrote %d summaries to %s", len(records), request.output_file)
-            else:
-                sys.stdout.write(_jsonl(records))
-                sys.stdout.flush()
-        return records
-    finally:
-        finish(accelerator)
+    from dialogsum.distributed import build_accelerator, finish  # heavy imports after the input checks
+    from dialogsum.evaluation import generate_summaries
+
+    output = sys.stdout
+    # Standard output carries only the JSON lines: libraries that print there while loading (DeepSpeed's
+    # logger, imported by accelerate's unwrap_model, binds to stdout) are sent to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr):
+        accelerator = build_accelerator()
+        try:
+            model, tokenizer = load_generation_model(cfg)
+            model = place_model(accelerator, model)
+            summaries = generate_summaries(
+                accelerator,
+                model,
+                tokenizer,
+                [d for _, d in dialogues],
+                cfg.data.prompt_template,
+                cfg.gen,
+                cfg.train.per_device_eval_batch_size,
+                cfg.data.max_source_length,
+                desc="summarizing",
+            )
+            records = [{"id": i, "summary": s} for (i, _), s in zip(dialogues, summaries, strict=True)]
+            if accelerator.is_main_process:
+                if request.output_file:
+                    _atomic_write_text(Path(request.output_file), _jsonl(records))
+                    logger.info("wrote %d summaries to %s", len(records), request.output_file)
+                else:
+                    output.write(_jsonl(records))
+                    output.flush()
+            return records
+        finally:
+            finish(accelerator)

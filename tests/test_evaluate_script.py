@@ -34,13 +34,14 @@ def _one_thread_and_fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]) -> dict[str, Path]:
-    """The quick-start tiny T5 briefly trained (so it writes real words), and official/flattened test files."""
+def train_tiny_model(model_dir: Path, data_dir: Path, output_dir: Path, steps: int = 30) -> Path:
+    """The quick-start tiny T5 trained for a few steps (one thread, ~1 s) so that it writes real words.
+
+    About 30 steps of 8 examples: the model picks up the summary templates but is far from perfect, so
+    ROUGE is informative (neither 0 nor 1). Plain torch: this is a test asset, not the training under test.
+    """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    root = tmp_path_factory.mktemp("evaluate")
-    model_dir, data_dir = quickstart_assets
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -48,20 +49,27 @@ def assets(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Pa
     rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for step in range(30):  # ~30 steps of 8 examples: enough for template words, far from perfect
+    for step in range(steps):
         batch = [rows[(step * 8 + i) % len(rows)] for i in range(8)]
-        inputs = tokenizer(
-            [LAB_PROMPT.format(dialogue=r["dialogue"]) for r in batch], padding=True, return_tensors="pt"
-        )
+        prompts = [LAB_PROMPT.format(dialogue=r["dialogue"]) for r in batch]
+        inputs = tokenizer(prompts, padding=True, return_tensors="pt")
         labels = tokenizer([r["summary"] for r in batch], padding=True, return_tensors="pt").input_ids
         labels[labels == tokenizer.pad_token_id] = -100
         model(**inputs, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     torch.set_num_threads(threads)
-    trained = root / "trained"
-    model.save_pretrained(str(trained))
-    tokenizer.save_pretrained(str(trained))
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]) -> dict[str, Path]:
+    """A briefly trained tiny T5, and the same test dialogues as an official-format and a flattened file."""
+    root = tmp_path_factory.mktemp("evaluate")
+    model_dir, data_dir = quickstart_assets
+    trained = train_tiny_model(model_dir, data_dir, root / "trained")
 
     test_rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()][:NUM_DIALOGUES]
     official, flattened = [], []
