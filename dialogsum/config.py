@@ -284,7 +284,8 @@ def _none_or(kind: type) -> Any:
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """Build the argparse parser for every config field, grouped by section."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a mistyped flag (--learning_rat) is an error, not silently taken for another flag
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file with any of the flags below as keys.")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
