@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dialogsum.config import (
+    SECTIONS,
     Config,
     DataArguments,
     GenerationArguments,
@@ -71,7 +72,7 @@ EVALUATE_FLAGS: dict[type, tuple[str, ...] | None] = {
         "max_test_samples",
         "strict",
     ),
-    TrainingArguments: ("output_dir", "overwrite_output_dir", "per_device_eval_batch_size", "eval_split", "seed"),
+    TrainingArguments: ("output_dir", "overwrite_output_dir", "per_device_eval_batch_size", "eval_split"),
     GenerationArguments: None,
 }
 SUMMARIZE_FLAGS: dict[type, tuple[str, ...] | None] = {
@@ -115,7 +116,8 @@ def build_parser(description: str, flags: dict[type, tuple[str, ...] | None]) ->
     """A parser for a subset of the run configuration's fields (same names, help and types as training)."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls, names in flags.items():
-        group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
+        section = next(name for name, section_cls in SECTIONS.items() if section_cls is cls)
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
             if names is not None and f.name not in names:
                 continue
@@ -142,10 +144,29 @@ def _adapter_base(adapter_path: str) -> str | None:
         return None
 
 
+#: Settings that must match training for the model to see the inputs it learned from.
+TRAINING_INPUT_KEYS = ("prompt_template", "max_source_length")
+
+
+def _training_config(folder: str | None) -> dict[str, Any]:
+    """The ``config.yaml`` a training run saved next to its model or adapter, if any."""
+    if not folder or not (Path(folder) / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(folder) / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def config_from_flags(values: dict[str, Any]) -> Config:
     """Validate parsed flag values into a :class:`Config` (the training validation rules apply).
 
-    With ``--adapter_path`` and no ``--model_name_or_path``, the adapter's own base model is used.
+    With ``--adapter_path`` and no ``--model_name_or_path``, the adapter's own base model is used. When the
+    model or adapter folder holds the ``config.yaml`` of its training run, its prompt template and source
+    length are used unless given explicitly, so evaluation sees the inputs the model was trained on.
     """
     values = dict(values)
     if values.get("adapter_path") and "model_name_or_path" not in values:
@@ -153,6 +174,11 @@ def config_from_flags(values: dict[str, Any]) -> Config:
         if base:
             logger.info("using the adapter's base model %s", base)
             values["model_name_or_path"] = base
+    trained = _training_config(values.get("adapter_path") or values.get("model_name_or_path"))
+    for key in TRAINING_INPUT_KEYS:
+        if key not in values and trained.get(key) is not None:
+            values[key] = trained[key]
+            logger.info("using the training run's --%s %r", key, trained[key])
     return build_config("full", values)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import REPO, run_script, subprocess_env
 
 from dialogsum.config import LAB_PROMPT, LoraArguments
@@ -205,6 +206,9 @@ def _save_adapter(model_dir: Path, adapter_dir: Path) -> None:
 def test_lora_adapter_evaluation(assets: dict[str, Path], official_run: Path, tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     _save_adapter(assets["model"], adapter)
+    # The training run's prompt is picked up from the config.yaml saved beside the adapter.
+    prompt = "Dialogue:\n{dialogue}\nSummary:"
+    (adapter / "config.yaml").write_text(yaml.safe_dump({"method": "lora", "prompt_template": prompt}))
     # No --model_name_or_path: the adapter's recorded base model is used.
     argv = [
         "--adapter_path",
@@ -220,6 +224,7 @@ def test_lora_adapter_evaluation(assets: dict[str, Path], official_run: Path, tm
     assert metrics["method"] == "lora" and metrics["adapter_path"] == str(adapter)
     assert metrics["model_name_or_path"] == str(assets["model"])
     assert 0 < metrics["checkpoint_size_mb"] < 0.1  # the adapter's size, not the model's
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["prompt_template"] == prompt
     base_rows = read_predictions(official_run)
     assert [r["prediction"] for r in read_predictions(tmp_path / "out")] != [r["prediction"] for r in base_rows]
 
