@@ -148,9 +148,7 @@ def _load_predictions(path: Path) -> tuple[list[str], list[str], list[list[str]]
             raise UserError(f"{where} needs string fields 'dialogue' and 'prediction'")
         example_id = str(row.get("id", row["dialogue"]))
         if example_id in seen:
-            raise UserError(
-                f"{where}: id {example_id!r} appears twice (one line per unique dialogue expected)"
-            )
+            raise UserError(f"{where}: id {example_id!r} appears twice (one line per unique dialogue expected)")
         seen.add(example_id)
         ids.append(example_id)
         dialogues.append(row["dialogue"])
@@ -246,13 +244,9 @@ def build_comparison(
         scores = score_examples(run.predictions, run.references)
         per_example[run.name] = scores
         intervals = rouge_with_intervals(scores[HEADLINE_PROTOCOL], n_resamples=n_resamples, seed=seed)
-        protocols = {
-            p: {k: math.fsum(scores[p][k]) / len(scores[p][k]) for k in ROUGE_KEYS} for p in PROTOCOLS
-        }
+        protocols = {p: {k: math.fsum(scores[p][k]) / len(scores[p][k]) for k in ROUGE_KEYS} for p in PROTOCOLS}
         reported = {k: run.metrics[k] for k in ROUGE_KEYS if isinstance(run.metrics.get(k), (int, float))}
-        mismatch = {
-            k: v for k, v in reported.items() if abs(v - protocols[HEADLINE_PROTOCOL][k]) > _METRICS_TOLERANCE
-        }
+        mismatch = {k: v for k, v in reported.items() if abs(v - protocols[HEADLINE_PROTOCOL][k]) > _METRICS_TOLERANCE}
         if mismatch:
             logger.warning(
                 "%s: metrics.json ROUGE %s differs from the predictions' %s ROUGE; using the latter",
@@ -428,8 +422,8 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
             "",
             "## Paired bootstrap",
             "",
-            "Difference in ROUGE points on the same dialogues, its 95% interval, and the share of resamples "
-            "where the first system is not better (one-sided p). An interval that excludes 0 is a real gap.",
+            "Difference in ROUGE points on the same dialogues (first system minus second), its 95% interval "
+            "and a two-sided bootstrap p-value. An interval that excludes 0 is a real gap.",
             "",
         ]
         rows = []
@@ -439,7 +433,7 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
                 t = pair["tests"][key]
                 cells.append(
                     f"{_signed(100 * t['mean_difference'])} [{_signed(100 * t['ci_low'])}, "
-                    f"{_signed(100 * t['ci_high'])}], p {_p_value(t['p_value'], t['n_resamples'])}"
+                    f"{_signed(100 * t['ci_high'])}], p {_p_value(t['p_value_two_sided'], t['n_resamples'])}"
                 )
             rows.append([f"{pair['system']} − {pair['versus']}", *cells])
         out += _table(["Comparison", *headers[1:]], rows)
@@ -500,9 +494,7 @@ def render_terminal(comparison: dict[str, Any]) -> str:
     width = max(len(s["name"]) for s in comparison["systems"]) + 2
     lines = [f"{'system':<{width}}" + "".join(f"{ROUGE_LABELS[k]:>12}" for k in ROUGE_KEYS)]
     for s in comparison["systems"]:
-        lines.append(
-            f"{s['name']:<{width}}" + "".join(f"{_points(s['rouge'][k]['mean']):>12}" for k in ROUGE_KEYS)
-        )
+        lines.append(f"{s['name']:<{width}}" + "".join(f"{_points(s['rouge'][k]['mean']):>12}" for k in ROUGE_KEYS))
     for number, sample in enumerate(comparison["samples"], start=1):
         lines += [
             "",
