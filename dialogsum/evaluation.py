@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from dialogsum.config import GenerationArguments
@@ -103,7 +104,7 @@ def generate_summaries(
             mine.extend((i, t.strip()) for i, t in zip(batch, texts))
     if was_training:
         unwrapped.train()
-    gathered = accelerator.gather_object(mine) if world > 1 else mine
+    gathered = gather_object(mine) if world > 1 else mine
     results: list[str | None] = [None] * len(dialogues)
     for index, text in gathered:
         results[index] = text
