@@ -1,0 +1,14 @@
+"""Training and evaluation speed of dialogsum, side by side with the usual Accelerate loop, in one run.
+
+    python scripts/benchmark.py --quick --model_dir ../shared/models/flan-t5-base \
+        --data_file ../shared/data/dialogsum/dialogsum.dev.jsonl --output_json bench.json
+
+Prints a table (s/step, real tokens/s, samples/s, padding, peak memory, speed-up over the reference loop, MFU)
+and writes every figure to --output_json. See BENCHMARKS.md for the method and the figures of this project.
+"""
+
+from dialogsum.benchmark import main
+from dialogsum.cli import run_cli
+
+if __name__ == "__main__":
+    run_cli(main)
