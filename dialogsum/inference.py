@@ -289,7 +289,13 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
 
 
 def load_generation_model(cfg: Config) -> tuple[torch.nn.Module, Any]:
-    """Model (+ adapter, frozen) and tokenizer for generation."""
+    """Model (+ adapter, frozen) and tokenizer for generation. Call it before creating the Accelerator.
+
+    Under DeepSpeed ZeRO-3 with ``zero3_init_flag``, ``from_pretrained`` called after the Accelerator exists
+    builds the model partitioned but without its pretrained values (measured with transformers 5.24 and
+    DeepSpeed 0.19.8 on 2 CPU processes: empty or repeated-word summaries). Loaded first, the real weights
+    are partitioned by ``prepare`` instead.
+    """
     from dialogsum.modeling import load_for_inference, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
@@ -297,16 +303,20 @@ def load_generation_model(cfg: Config) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def place_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+def place_model(accelerator: Any, model: torch.nn.Module, batch_size: int) -> torch.nn.Module:
     """Put an inference model where the launch wants it.
 
-    DeepSpeed and FSDP shard the weights, so they go through ``prepare``. Otherwise every process keeps a full
+    DeepSpeed and FSDP shard the weights, so they go through ``prepare`` (DeepSpeed is told the per-process
+    batch size, which it otherwise reads from a training dataloader). Otherwise every process keeps a full
     copy on its device: DDP refuses a module without trainable parameters, and generation needs no gradient
     synchronisation anyway (each process generates its own share of the batches).
     """
     from accelerate import DistributedType
 
+    from dialogsum.distributed import set_deepspeed_micro_batch
+
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        set_deepspeed_micro_batch(accelerator, batch_size)
         return accelerator.prepare(model)
     return model.to(accelerator.device)
 
@@ -358,6 +368,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     out = check_output_dir(cfg, resuming=False)
     check_data_sources(cfg.data, [split])
     check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
+    model, tokenizer = load_generation_model(cfg)  # before the Accelerator exists: see load_generation_model
     accelerator = build_accelerator()
     try:
         rows = load_splits(cfg.data, [split])[split]
@@ -370,10 +381,9 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
             len(examples),
             sum(len(e.references) for e in examples),
         )
-        model, tokenizer = load_generation_model(cfg)
         params = parameter_report(model)
         logger.info(describe_parameters(params))
-        model = place_model(accelerator, model)
+        model = place_model(accelerator, model, cfg.train.per_device_eval_batch_size)
         start = time.perf_counter()
         metrics, predictions = evaluate_examples(
             accelerator,
@@ -496,10 +506,10 @@ def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
     # Standard output carries only the JSON lines: libraries that print there while loading (DeepSpeed's
     # logger, imported by accelerate's unwrap_model, binds to stdout) are sent to stderr instead.
     with contextlib.redirect_stdout(sys.stderr):
+        model, tokenizer = load_generation_model(cfg)  # before the Accelerator exists: see load_generation_model
         accelerator = build_accelerator()
         try:
-            model, tokenizer = load_generation_model(cfg)
-            model = place_model(accelerator, model)
+            model = place_model(accelerator, model, cfg.train.per_device_eval_batch_size)
             summaries = generate_summaries(
                 accelerator,
                 model,
