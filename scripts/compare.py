@@ -18,9 +18,7 @@ from dialogsum.comparison import compare_runs, render_terminal
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags, compare the runs, print the table and the side-by-side samples."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--run",
         action="append",

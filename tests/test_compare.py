@@ -84,9 +84,7 @@ RESOURCES = {
 }
 
 
-def write_run(
-    folder: Path, name: str, order: list[str] | None = None, metrics_extra: dict | None = None
-) -> Path:
+def write_run(folder: Path, name: str, order: list[str] | None = None, metrics_extra: dict | None = None) -> Path:
     """A result folder as training/evaluate.py writes it (lines in ``order``, default d1..d4)."""
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {**EXPECTED[name], "num_eval_examples": 4, **RESOURCES[name], **(metrics_extra or {})}
@@ -177,9 +175,7 @@ def test_samples_are_seeded_and_shown(three_runs: list[str], tmp_path: Path) -> 
     again = build_comparison(runs, num_samples=2, seed=5, n_resamples=50)["samples"]
     assert [s["id"] for s in first] == [s["id"] for s in again]
     assert len({s["id"] for s in first}) == 2
-    other_seeds = {
-        tuple(s["id"] for s in build_comparison(runs, 2, seed, 10)["samples"]) for seed in range(8)
-    }
+    other_seeds = {tuple(s["id"] for s in build_comparison(runs, 2, seed, 10)["samples"]) for seed in range(8)}
     assert len(other_seeds) > 1
     sample = first[0]
     assert sample["predictions"] == {name: PREDICTIONS[name][sample["id"]] for name in PREDICTIONS}
@@ -192,9 +188,7 @@ def test_samples_are_seeded_and_shown(three_runs: list[str], tmp_path: Path) -> 
 
 def test_script_end_to_end(three_runs: list[str], tmp_path: Path) -> None:
     out = tmp_path / "report"
-    result = run_script(
-        *(f"--run={spec}" for spec in three_runs), "--output_dir", str(out), "--num_samples", "1"
-    )
+    result = run_script(*(f"--run={spec}" for spec in three_runs), "--output_dir", str(out), "--num_samples", "1")
     assert result.returncode == 0, result.stderr
     assert "full" in result.stdout and "66.67" in result.stdout  # full's ROUGE-1 x 100 in the terminal table
     assert "Sample 1:" in result.stdout and "HUMAN" in result.stdout and "LORA" in result.stdout

@@ -50,9 +50,7 @@ def test_best_reference_is_chosen_per_metric_like_score_multi() -> None:
     assert multi["rouge1"] == [pytest.approx(1.0)]
     assert multi["rouge2"] == [pytest.approx(1 / 3)]
     assert multi["rougeL"] == [pytest.approx(0.5)]
-    reference = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True).score_multi(
-        [ref_a, ref_b], prediction
-    )
+    reference = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True).score_multi([ref_a, ref_b], prediction)
     for key in ROUGE_KEYS:
         assert multi[key][0] == pytest.approx(reference[key].fmeasure)
 
@@ -94,14 +92,8 @@ def test_bad_inputs_raise() -> None:
 
 def test_split_sentences_for_rouge_lsum() -> None:
     text = "#Person1# asks Mr. Smith for help. #Person2# agrees! Really? Yes.\nA new line"
-    assert (
-        split_sentences(text)
-        == "#Person1# asks Mr. Smith for help.\n#Person2# agrees!\nReally?\nYes.\nA new line"
-    )
-    assert (
-        split_sentences("J. K. Rowling wrote it. Then she rested.")
-        == "J. K. Rowling wrote it.\nThen she rested."
-    )
+    assert split_sentences(text) == "#Person1# asks Mr. Smith for help.\n#Person2# agrees!\nReally?\nYes.\nA new line"
+    assert split_sentences("J. K. Rowling wrote it. Then she rested.") == "J. K. Rowling wrote it.\nThen she rested."
     assert split_sentences("   ") == ""
     # Sentence order matters to rougeLsum only through the split: a swapped pair of sentences keeps full Lsum.
     scores = score_examples(["He left. She came."], [["She came. He left."]])["multi_reference"]
