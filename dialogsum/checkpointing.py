@@ -329,27 +329,38 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainState,
                 _remove(final, ".replaced")
             os.replace(tmp, final)
             _fsync_dir(root)
-    except Exception as exc:  # noqa: BLE001 - any write failure (OSError, torch/safetensors I/O errors)
+    except Exception as exc:  # noqa: BLE001 - write failures surface as OSError, RuntimeError (torch), ...
+        latest = find_latest(root)
+        # measured before the partial folder is removed: on a full disk, less room than one checkpoint is left
+        free = shutil.disk_usage(root).free if root.is_dir() else None
+        disk_full = free is not None and free < max(_folder_bytes(latest), 16 * 2**20)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_write_failure(exc):
+        if not (disk_full or _is_write_failure(exc)):
             raise
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
-        latest = find_latest(root)
+        if disk_full:
+            reason = f"the disk is full ({free / 1e6:.1f} MB free)"
+        else:
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
         kept = f"the latest complete checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
-        raise UserError(f"could not write checkpoint {final} ({reason}); is the disk full? {kept}") from exc
+        raise UserError(
+            f"could not write checkpoint {final}: {reason}; {kept}. Free some space (or lower "
+            "--save_total_limit) and continue with --resume_from_checkpoint latest"
+        ) from exc
     accelerator.wait_for_everyone()
     return final
 
 
+def _folder_bytes(folder: Path | None) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder else 0
+
+
 def _is_write_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from writing files (disk full, file too large, permissions, I/O error)."""
+    """Whether ``exc`` comes from writing files (file too large, quota, permissions, I/O error)."""
     if isinstance(exc, OSError):
         return True
     text = f"{type(exc).__name__}: {exc}".lower()
-    return any(
-        k in text for k in ("write", "no space", "file too large", "disk quota", "i/o error", "ioerror", "safetensor")
-    )
+    return any(k in text for k in ("no space", "file too large", "disk quota", "i/o error", "write failed"))
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int | None, protect: str | None) -> list[Path]:

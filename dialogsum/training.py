@@ -194,6 +194,7 @@ def train_loop(
     model.train()
 
     def diverged(where: str) -> UserError:
+        progress.close()  # end the progress bar's line: the error must be a line of its own
         latest = find_latest(t.output_dir)
         kept = (
             f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
@@ -262,7 +263,11 @@ def train_loop(
         state.total_loss, state.total_micro_batches = sums[3].item(), total_micro
         state.total_tokens, state.total_samples = total_tokens, total_samples
         state.elapsed_s = elapsed_before + time.perf_counter() - start
-        path = save_checkpoint(accelerator, t.output_dir, state, cfg)
+        try:
+            path = save_checkpoint(accelerator, t.output_dir, state, cfg)
+        except UserError:
+            progress.close()
+            raise
         last_saved = state.step
         if main:
             prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
