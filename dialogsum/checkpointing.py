@@ -244,12 +244,17 @@ def _load_trainable_only(models: list[torch.nn.Module], input_dir: str) -> None:
         ending = f"_{i}" if i else ""
         tensors = load_file(str(Path(input_dir) / f"model{ending}.safetensors"))
         names = _trainable_names(model) or {n for n, _ in model.named_parameters()}
-        missing_trainable = sorted(names - set(tensors))
-        unexpected = sorted(set(tensors) - set(model.state_dict()))
-        if missing_trainable or unexpected:
-            problem = missing_trainable[:3] if missing_trainable else unexpected[:3]
+        current = model.state_dict()
+        problems = [f"{n} missing" for n in sorted(names - set(tensors))]
+        problems += [f"{n} unexpected" for n in sorted(set(tensors) - set(current))]
+        problems += [
+            f"{n} {tuple(t.shape)} vs {tuple(current[n].shape)}"
+            for n, t in sorted(tensors.items())
+            if n in current and t.shape != current[n].shape
+        ]
+        if problems:
             raise UserError(
-                f"checkpoint {input_dir} does not match this model (e.g. {', '.join(problem)}); "
+                f"checkpoint {input_dir} does not match this model (e.g. {problems[0]}); "
                 "were the LoRA settings or the model changed?"
             )
         model.load_state_dict(tensors, strict=False)
