@@ -52,8 +52,39 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from exc
 
 
+def checkpoint_has_own_lm_head(name_or_path: str) -> bool | None:
+    """Whether the checkpoint stores an ``lm_head.weight`` of its own (FLAN-T5 does); None when unknown."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        try:
+            from transformers.utils import cached_file
+
+            resolved = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+        if resolved is None:
+            return None
+        folder = Path(resolved).parent
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return "lm_head.weight" in json.loads(index.read_text()).get("weight_map", {})
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as fh:
+            return "lm_head.weight" in fh.keys()
+    return None
+
+
 def load_model(name_or_path: str) -> torch.nn.Module:
-    """Load a pretrained seq2seq model (fp32 master weights; precision is the launcher's business)."""
+    """Load a pretrained seq2seq model (fp32 master weights; precision is the launcher's business).
+
+    transformers 5.x sets ``tie_word_embeddings=True`` on every T5 config (it also governs the encoder/decoder
+    embedding ties, so it cannot simply be turned off). The normal loading path keeps a checkpoint's own
+    ``lm_head`` untied, but DeepSpeed ZeRO-3's sharded construction (``zero3_init_flag: true``) ties it to the
+    embedding, silently replacing FLAN-T5's output layer: that is refused here with the fix.
+    """
     from transformers import AutoModelForSeq2SeqLM
 
     check_model_source(name_or_path)
@@ -61,6 +92,11 @@ def load_model(name_or_path: str) -> torch.nn.Module:
         model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embed.weight and checkpoint_has_own_lm_head(name_or_path):
+        raise UserError(f"{name_or_path} has its own lm_head but it was loaded tied to the input embedding (DeepSpeed "
+                        "ZeRO-3 with zero3_init_flag: true does this with transformers 5.x); set zero3_init_flag: "
+                        "false in the accelerate config")
     return model
 
 

@@ -35,7 +35,7 @@ from dialogsum.data import (
     load_splits,
     tokenize_rows,
 )
-from dialogsum.distributed import build_accelerator, finish, topology
+from dialogsum.distributed import build_accelerator, finish, set_deepspeed_micro_batch, topology
 from dialogsum.errors import UserError
 from dialogsum.evaluation import evaluate_examples, evaluation_loss
 from dialogsum.modeling import (
@@ -221,6 +221,7 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
     state = TrainState(num_processes=accelerator.num_processes, fingerprint=fingerprint(cfg))
     if t.do_train:
         optimizer = build_optimizer(model, cfg)
+        set_deepspeed_micro_batch(accelerator, t.per_device_train_batch_size)  # batch-sampler loaders hide it
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         if val_loader is not None:
             val_loader = accelerator.prepare(val_loader)
@@ -268,6 +269,7 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
         size_mb = save_model(accelerator, model, tokenizer, out)
     else:
         start_tracking(accelerator, cfg, {"parameters": params})
+        set_deepspeed_micro_batch(accelerator, t.per_device_eval_batch_size)
         model = accelerator.prepare(model)
         size_mb = None
 
