@@ -14,6 +14,7 @@ from ``--model_name_or_path`` on resume, as it did at the start. For flan-t5-bas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from dialogsum.errors import UserError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+DATA_DIGEST = "train_file_sha256"
 TRAINABLE_ONLY_FILE = "trainable_only.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|deleting|replaced)$")
@@ -114,11 +116,23 @@ class TrainState:
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
-    """The settings a resumed run must share with its checkpoint."""
+    """The settings a resumed run must share with its checkpoint (plus a digest of a local training file)."""
     flat = cfg.to_dict()
     flat["learning_rate"] = cfg.learning_rate
     keys = RESUME_KEYS if cfg.method == "lora" else tuple(k for k in RESUME_KEYS if not k.startswith("lora_"))
-    return {k: flat[k] for k in keys}
+    found = {k: flat[k] for k in keys}
+    train_file = cfg.data.train_file
+    if train_file and Path(train_file).is_file():
+        found[DATA_DIGEST] = _sha256(Path(train_file))
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _rng_file(directory: Path, rank: int) -> Path:
@@ -194,10 +208,16 @@ def read_state(checkpoint: Path) -> TrainState:
 def check_compatible(state: TrainState, cfg: Config, num_processes: int, checkpoint: Path) -> None:
     """Refuse a checkpoint made with different method, model, data or batch settings, naming them."""
     current = fingerprint(cfg)
+    saved = state.fingerprint
+    same_data = DATA_DIGEST in current and saved.get(DATA_DIGEST) == current[DATA_DIGEST]
     diffs = [
-        f"{k}: checkpoint {state.fingerprint.get(k)!r} vs now {v!r}"
+        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+        if k != DATA_DIGEST
+        else f"the content of --train_file {cfg.data.train_file} changed since the checkpoint"
         for k, v in current.items()
-        if state.fingerprint.get(k) != v
+        if saved.get(k) != v
+        and not (k == "train_file" and same_data)  # the same data, moved: fine
+        and not (k == DATA_DIGEST and k not in saved)  # nothing to compare with
     ]
     if state.num_processes != num_processes:
         diffs.append(f"num_processes: checkpoint {state.num_processes} vs now {num_processes}")

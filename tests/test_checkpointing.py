@@ -232,3 +232,16 @@ def test_best_step_follows_the_eval_loss(eval_runs: dict[str, Path]) -> None:
     assert evals[8] < evals[2]  # it learns
     kept = [p.name for p in checkpoint_dirs(out)]
     assert f"checkpoint-{best}" in kept and "checkpoint-8" in kept and len(kept) <= 2
+
+
+def test_training_data_is_compared_by_content(tmp_path: Path) -> None:
+    first, moved = tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"
+    for path in (first, moved):
+        path.parent.mkdir()
+        path.write_text('{"dialogue": "hi", "summary": "greeting"}\n')
+    settings = {"output_dir": str(tmp_path), "model_name_or_path": "m"}
+    saved = TrainState(fingerprint=fingerprint(build_config("full", {**settings, "train_file": str(first)})))
+    check_compatible(saved, build_config("full", {**settings, "train_file": str(moved)}), 1, tmp_path)  # moved: ok
+    first.write_text('{"dialogue": "hi", "summary": "another greeting"}\n')
+    with pytest.raises(UserError, match=f"the content of --train_file {first} changed since the checkpoint"):
+        check_compatible(saved, build_config("full", {**settings, "train_file": str(first)}), 1, tmp_path)
