@@ -18,7 +18,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "DeepSpeed"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "DeepSpeed", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # read by transformers when it is imported (later, only if needed): importing it here would cost ~3 s
     # before a bad flag could even be reported

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,27 @@ def checkpoint_has_own_lm_head(name_or_path: str) -> bool | None:
     return None
 
 
+@contextmanager
+def whole_model_loading(enabled: bool) -> Iterator[None]:
+    """Load weights whole on each process even when DeepSpeed ZeRO-3 is configured (``enabled``).
+
+    accelerate registers its DeepSpeed config with transformers whatever ``zero3_init_flag`` says, so
+    ``from_pretrained`` always builds a ZeRO-3 model sharded (``zero.Init``). That path ties FLAN-T5's own
+    ``lm_head`` to the embedding under transformers 5.x; loading whole and letting ``prepare`` shard avoids it.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model(name_or_path: str) -> torch.nn.Module:
     """Load a pretrained seq2seq model (fp32 master weights; precision is the launcher's business).
 
@@ -95,8 +118,8 @@ def load_model(name_or_path: str) -> torch.nn.Module:
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is embed.weight and checkpoint_has_own_lm_head(name_or_path):
         raise UserError(f"{name_or_path} has its own lm_head but it was loaded tied to the input embedding (DeepSpeed "
-                        "ZeRO-3 with zero3_init_flag: true does this with transformers 5.x); set zero3_init_flag: "
-                        "false in the accelerate config")
+                        "ZeRO-3 sharded loading does this with transformers 5.x); set zero3_init_flag: false in the "
+                        "accelerate config")
     return model
 
 

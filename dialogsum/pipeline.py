@@ -47,6 +47,7 @@ from dialogsum.modeling import (
     load_tokenizer,
     parameter_report,
     save_model,
+    whole_model_loading,
 )
 from dialogsum.quickstart import build_quickstart_assets
 from dialogsum.tracking import finish_tracking, peak_memory_mb, resolve_trackers, start_tracking
@@ -105,10 +106,12 @@ def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
 # --------------------------------------------------------------------------------------------- builders
 
 
-def build_model_and_tokenizer(cfg: Config) -> tuple[torch.nn.Module, Any]:
+def build_model_and_tokenizer(cfg: Config, accelerator: Any) -> tuple[torch.nn.Module, Any]:
     """Tokenizer + model (+ LoRA, + gradient checkpointing) as the method asks."""
     tokenizer = load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
-    model = load_model(cfg.model.model_name_or_path)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    with whole_model_loading(plugin is not None and not plugin.zero3_init_flag):
+        model = load_model(cfg.model.model_name_or_path)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.method == "lora":
@@ -209,7 +212,7 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
         check_compatible(read_state(resume), cfg, accelerator.num_processes, resume)
     set_seed(t.seed)
     splits = load_splits(cfg.data, splits_needed)
-    model, tokenizer = build_model_and_tokenizer(cfg)
+    model, tokenizer = build_model_and_tokenizer(cfg, accelerator)
     params = parameter_report(model)
     logger.info(describe_parameters(params))
     if accelerator.is_main_process:
