@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
 from dialogsum.errors import UserError
+from dialogsum.precision import cpu_mixed_precision_override
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def build_accelerator(
     if on_cpu and (env_world > 1 or deepspeed):
         # gloo is the CPU collective backend; DeepSpeed on CPU fails without it being named explicitly.
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # bf16 autocast on the CPU only where it is native (emulated bf16 is slower than fp32; fp16 is refused)
+    mixed_precision = cpu_mixed_precision_override() if on_cpu and not deepspeed else None
     accelerator = Accelerator(
         # cpu=True makes accelerate treat a multi-process CPU launch as MULTI_CPU instead of N lone processes.
         # DeepSpeed must not get it: accelerate would then skip DeepSpeed's own initialisation.
@@ -211,6 +214,7 @@ def build_accelerator(
         log_with=log_with,
         project_dir=project_dir,
         kwargs_handlers=kwargs_handlers,
+        mixed_precision=mixed_precision,
     )
     requested = request.num_processes
     if requested is not None and requested != accelerator.num_processes:
