@@ -450,18 +450,23 @@ def _run_ours(spec: dict[str, Any], case: Case, work: Path) -> dict[str, Any]:
     if warmup:
         first = train_loop(accelerator, model, optimizer, scheduler, loader, sampler, cfg, warmup, state)
         losses += [e["loss"] for e in first.history if "loss" in e]
+    _sync(accelerator.device)
+    start = time.perf_counter()
     result = train_loop(accelerator, model, optimizer, scheduler, loader, sampler, cfg, count, state)
+    _sync(accelerator.device)
+    seconds = time.perf_counter() - start
     losses += [e["loss"] for e in result.history if "loss" in e and e["step"] > warmup]
     peak_after = _peaks(accelerator.device, accelerator.mixed_precision)
     measured = sampler.batches(0)[warmup:count]
     src = [len(x) for x in dataset.input_ids]
     tgt = [len(x) for x in dataset.labels]
+    lengths = [(src[i], tgt[i]) for batch in measured for i in batch]
     out = {
-        "seconds": result.runtime_s,
-        "real_tokens": result.real_tokens,
-        "samples": result.samples,
+        "seconds": seconds,
+        "real_tokens": sum(s + t for s, t in lengths),
+        "samples": len(lengths),
         "padding_fraction": padding_fraction(measured, src, tgt),
-        "lengths": [(src[i], tgt[i]) for batch in measured for i in batch],
+        "lengths": lengths,
         "losses": losses,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "matmul_peak_gflops": max(peak_before, peak_after),
