@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SPLITS = ("train", "validation", "test")
 _MULTI_REF = re.compile(r"^(?P<base>.+?)(?P<num>\d+)$")
+_ID_SUFFIX = re.compile(r"_\d+$")
 
 Row = dict[str, Any]
 
@@ -249,15 +250,23 @@ def eval_examples(rows: list[Row], args: DataArguments, limit: int | None = None
     by_dialogue: dict[str, EvalExample] = {}
     for index, row in enumerate(rows):
         dialogue = row[args.text_column]
-        refs = [str(row[c]).strip() for c in ref_columns if isinstance(row.get(c), str) and row[c].strip()]
+        refs: list[str] = []
+        for column in ref_columns:
+            value = row.get(column)
+            if isinstance(value, str) and value.strip() and value.strip() not in refs:
+                refs.append(value.strip())
+        example_id = str(row[args.id_column]) if args.id_column in row else str(index)
         existing = by_dialogue.get(dialogue)
         if existing is None:
             if limit is not None and len(by_dialogue) >= limit:
                 continue
-            example_id = str(row.get(args.id_column, index)) if args.id_column in row else str(index)
             by_dialogue[dialogue] = EvalExample(id=example_id, dialogue=dialogue, references=refs)
-        else:
-            existing.references.extend(r for r in refs if r not in existing.references)
+            continue
+        existing.references.extend(r for r in refs if r not in existing.references)
+        # flattened rows of one dialogue may carry ids like test_0_1, test_0_2: keep the shared stem (test_0)
+        stem_a, stem_b = _ID_SUFFIX.sub("", existing.id), _ID_SUFFIX.sub("", example_id)
+        if existing.id != example_id and stem_a == stem_b:
+            existing.id = stem_a
     return list(by_dialogue.values())
 
 
