@@ -182,9 +182,9 @@ def test_official_and_flattened_test_sets_give_the_same_examples() -> None:
         {"fname": "test_1", "dialogue": "D1", "summary1": "d", "summary2": "e", "summary3": "f", "topic1": "t"},
     ]
     flattened = [
-        {"fname": f"test_{i}", "dialogue": f"D{i}", "summary": s, "topic": "t"}
+        {"fname": f"test_{i}_{j}", "dialogue": f"D{i}", "summary": s, "topic": "t"}  # hub-style row ids
         for i, refs in enumerate((("a", "b", "c"), ("d", "e", "f")))
-        for s in refs
+        for j, s in enumerate(refs, start=1)
     ]
     args = DataArguments()
     a, b = eval_examples(official, args), eval_examples(flattened, args)
