@@ -131,6 +131,8 @@ def test_deepspeed_configs(name: str, stage: int, offload: str, monkeypatch: pyt
     # ZeRO-3 saves one consolidated model folder; clipping matches --max_grad_norm's default.
     assert zero["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)
     assert plugin.deepspeed_config["gradient_clipping"] == 1.0
+    # zero3_init_flag would load FLAN-T5 with its separate lm_head tied to the embedding (transformers 5.x).
+    assert plugin.zero3_init_flag is False
     # Accumulation must come from --gradient_accumulation_steps, not from the launcher config.
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in os.environ

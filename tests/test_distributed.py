@@ -24,7 +24,7 @@ CONFIGS = REPO / "accelerate_configs"
 TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 PROBE = """
-import json, sys, torch
+import json, os, sys, torch
 from dialogsum.distributed import build_accelerator, finish, is_zero3, topology
 from dialogsum.errors import UserError
 try:
@@ -33,8 +33,9 @@ except UserError as exc:
     sys.stderr.write(f"error: {exc}\\n")
     sys.exit(1)
 total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0]), reduction="sum")
-print("PROBE " + json.dumps({**topology(accelerator), "sum": float(total), "threads": torch.get_num_threads(),
-                             "zero3": is_zero3(accelerator)}), flush=True)
+report = {**topology(accelerator), "sum": float(total), "threads": torch.get_num_threads()}
+report["zero3"] = is_zero3(accelerator)
+os.write(1, ("PROBE " + json.dumps(report) + "\\n").encode())  # one write: ranks' lines never interleave
 finish(accelerator)
 """
 
