@@ -282,15 +282,29 @@ def _none_or(kind: type) -> Any:
     return convert
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """Build the argparse parser for every config field, grouped by section."""
+def build_parser(
+    description: str = "", flags: dict[type, tuple[str, ...] | None] | None = None, config_file: bool = True
+) -> argparse.ArgumentParser:
+    """Build the argparse parser for the config fields, grouped by section.
+
+    ``flags`` limits it to some sections and fields (``{DataArguments: ("test_file",), GenerationArguments:
+    None}``: None = every field of that section), for scripts that take only part of the configuration.
+    ``config_file`` adds ``--config file.yaml``.
+    """
     # allow_abbrev=False: a mistyped flag (--learning_rat) is an error, not silently taken for another flag
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="YAML file with any of the flags below as keys.")
+    if config_file:
+        parser.add_argument("--config", default=None, help="YAML file with any of the flags below as keys.")
+    selected = flags if flags is not None else dict.fromkeys(SECTIONS.values())
     for section, cls in SECTIONS.items():
+        if cls not in selected:
+            continue
+        names = selected[cls]
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         hints = {f.name: f.type for f in dataclasses.fields(cls)}
         for f in dataclasses.fields(cls):
+            if names is not None and f.name not in names:
+                continue
             hint = str(hints[f.name])
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = repr(default) if isinstance(default, str) and "\n" in default else default

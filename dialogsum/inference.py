@@ -14,9 +14,7 @@ LoRA adapter on top, loaded for inference only (0 trainable parameters).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -29,13 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dialogsum.config import (
-    SECTIONS,
     Config,
     DataArguments,
     GenerationArguments,
     ModelArguments,
     TrainingArguments,
     build_config,
+    build_parser,
 )
 from dialogsum.errors import UserError
 
@@ -85,53 +83,6 @@ TABULAR_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 # --------------------------------------------------------------------------------------------- flags
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one ``error:`` line and exits with code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
-def _boolean(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("true", "1", "yes", "y", "on"):
-        return True
-    if lowered in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
-
-def _optional(kind: type) -> Any:
-    def convert(value: str) -> Any:
-        return None if value.lower() in ("none", "null") else kind(value)
-
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def build_parser(description: str, flags: dict[type, tuple[str, ...] | None]) -> argparse.ArgumentParser:
-    """A parser for a subset of the run configuration's fields (same names, help and types as training)."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cls, names in flags.items():
-        section = next(name for name, section_cls in SECTIONS.items() if section_cls is cls)
-        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
-        for f in dataclasses.fields(cls):
-            if names is not None and f.name not in names:
-                continue
-            kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
-            hint = str(f.type)
-            if hint.startswith("bool"):
-                kwargs.update(type=_boolean, nargs="?", const=True, metavar="BOOL")
-            elif hint.startswith("list"):
-                kwargs.update(nargs="*", type=str)
-            else:
-                kind = int if hint.startswith("int") else float if hint.startswith("float") else str
-                kwargs.update(type=_optional(kind) if "None" in hint else kind)
-            group.add_argument(f"--{f.name}", **kwargs)
-    return parser
 
 
 def _adapter_base(adapter_path: str) -> str | None:
@@ -184,7 +135,7 @@ def config_from_flags(values: dict[str, Any]) -> Config:
 
 def parse_evaluate_args(argv: Sequence[str] | None, description: str = "") -> Config:
     """Flags of ``scripts/evaluate.py`` as a validated :class:`Config`."""
-    parser = build_parser(description, EVALUATE_FLAGS)
+    parser = build_parser(description, EVALUATE_FLAGS, config_file=False)
     return config_from_flags(vars(parser.parse_args(argv)))
 
 
@@ -201,7 +152,7 @@ class SummarizeRequest:
 
 def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> SummarizeRequest:
     """Flags of ``scripts/summarize.py``."""
-    parser = build_parser(description, SUMMARIZE_FLAGS)
+    parser = build_parser(description, SUMMARIZE_FLAGS, config_file=False)
     io_group = parser.add_argument_group("input/output")
     io_group.add_argument(
         "--input_file",
