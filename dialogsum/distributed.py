@@ -216,6 +216,14 @@ def build_accelerator(
         kwargs_handlers=kwargs_handlers,
         mixed_precision=mixed_precision,
     )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate quietly runs an FSDP config as plain data parallel on the CPU.
+        raise UserError(
+            f"the accelerate config asks for FSDP, which needs GPUs; this run would be "
+            f"{accelerator.distributed_type.value} instead. On CPU use accelerate_configs/multi_cpu.yaml (data "
+            "parallel) or accelerate_configs/deepspeed_zero3.yaml --num_processes 2 --mixed_precision no (sharded)."
+        )
     requested = request.num_processes
     if requested is not None and requested != accelerator.num_processes:
         hint = f" To run {requested} communicating processes on CPU use: {MULTI_CPU_HINT}." if on_cpu else ""

@@ -182,6 +182,16 @@ def test_silent_single_process_launches_are_refused(probe: Path, tmp_path: Path,
     assert "accelerate_configs/multi_cpu.yaml" in stderr
 
 
+def test_fsdp_config_on_cpu_is_refused(probe: Path, tmp_path: Path) -> None:
+    """accelerate would run an FSDP config as plain data parallel on the CPU; say so instead."""
+    config = tmp_path / "fsdp_cpu.yaml"
+    text = (CONFIGS / "fsdp.yaml").read_text().replace("mixed_precision: bf16", "mixed_precision: 'no'")
+    config.write_text(text + "use_cpu: true\n")
+    code, reports, stderr = launch(["--config_file", str(config)], probe)
+    assert code != 0 and reports == []
+    assert "error: the accelerate config asks for FSDP, which needs GPUs" in stderr
+
+
 @pytest.mark.parametrize(
     "launch_args",
     [["--num_processes", "1"], ["--config_file", str(CONFIGS / "cpu.yaml")]],
