@@ -74,7 +74,8 @@ class TrainState:
     """Counters and running sums of the loop; saved as JSON in every checkpoint.
 
     The running sums let a resumed run write the same log lines as an uninterrupted one: a log window that
-    straddles the checkpoint continues from the saved sums instead of starting empty.
+    straddles the checkpoint continues from the saved sums instead of starting empty. (Each process's own loss
+    sums are saved with its RNG states, see :func:`save_checkpoint`.)
     """
 
     step: int = 0
@@ -95,16 +96,12 @@ class TrainState:
     """World size of the run (the batch order depends on it)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     """Settings a resumed run must share (see RESUME_KEYS)."""
-    window_loss: float = 0.0
-    """Sum of micro-batch losses (all processes) in the current log window."""
     window_micro_batches: int = 0
     """Micro-batches per process in the current log window."""
     window_tokens: int = 0
     """Real tokens (all processes) in the current log window."""
     window_samples: int = 0
     """Examples (all processes) in the current log window."""
-    total_loss: float = 0.0
-    """Sum of micro-batch losses (all processes) since the start of training."""
     total_micro_batches: int = 0
     """Micro-batches per process since the start of training."""
     total_tokens: int = 0
@@ -328,11 +325,18 @@ def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainState, cfg: Config) -> Path:
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | Path,
+    state: TrainState,
+    cfg: Config,
+    process_state: dict[str, Any] | None = None,
+) -> Path:
     """Write a complete checkpoint atomically; on failure (e.g. disk full) remove the partial folder.
 
-    Every process must call this. Raises :class:`UserError` when the checkpoint cannot be written; earlier
-    checkpoints are untouched in that case.
+    Every process must call this. ``process_state`` is this process's own loop state (e.g. its running loss
+    sums), saved with its RNG states and given back by :func:`load_process_state`. Raises :class:`UserError`
+    when the checkpoint cannot be written; earlier checkpoints are untouched in that case.
     """
     install_checkpoint_hooks(accelerator)
     root = Path(output_dir)
@@ -344,7 +348,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainState,
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         with open(_rng_file(tmp, accelerator.process_index), "wb") as fh:
-            pickle.dump(capture_rng(), fh)
+            pickle.dump({"rng": capture_rng(), "process": process_state or {}}, fh)
         _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -426,9 +430,21 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> TrainState:
     return read_state(checkpoint)
 
 
+def _process_file(checkpoint: Path, rank: int) -> dict[str, Any]:
+    path = _rng_file(checkpoint, rank)
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as fh:
+        return pickle.load(fh)  # noqa: S301 - our own file, written by save_checkpoint
+
+
 def load_rng(checkpoint: Path, rank: int) -> None:
     """Restore this process's RNG states from a checkpoint (at the point of the loop where they were saved)."""
-    path = _rng_file(checkpoint, rank)
-    if path.is_file():
-        with open(path, "rb") as fh:
-            restore_rng(pickle.load(fh))  # noqa: S301 - our own file, written by save_checkpoint
+    saved = _process_file(checkpoint, rank)
+    if "rng" in saved:
+        restore_rng(saved["rng"])
+
+
+def load_process_state(checkpoint: Path, rank: int) -> dict[str, Any]:
+    """This process's own loop state as given to :func:`save_checkpoint` (empty if none)."""
+    return _process_file(checkpoint, rank).get("process", {})

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from dialogsum.checkpointing import (
     TrainState,
     find_latest,
+    load_process_state,
     load_rng,
     prune_checkpoints,
     remove_leftovers,
@@ -174,16 +175,14 @@ def train_loop(
     )
 
     # Running sums live on the device: no host sync until a log line is due. A resumed run starts from the
-    # sums saved in its checkpoint (held by the main process; reductions add them up), so its log lines and
-    # train_loss are those of the uninterrupted run.
-    def restored(value: float | int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(value if main else 0, device=accelerator.device, dtype=dtype)
-
-    loss_sum = restored(state.window_loss, torch.float32)
+    # sums saved in its checkpoint (each process its own loss sums; token and sample counts, already summed
+    # over processes, on the main one), so its log lines and train_loss are those of the uninterrupted run.
+    own = load_process_state(resume_from, accelerator.process_index) if resume_from is not None else {}
+    loss_sum = torch.tensor(own.get("window_loss", 0.0), device=accelerator.device, dtype=torch.float32)
     loss_count = state.window_micro_batches
-    window_tokens = restored(state.window_tokens, torch.long)
+    window_tokens = torch.tensor(state.window_tokens if main else 0, device=accelerator.device, dtype=torch.long)
     window_samples = state.window_samples if main else 0
-    total_loss = restored(state.total_loss, torch.float64)
+    total_loss = torch.tensor(own.get("total_loss", 0.0), device=accelerator.device, dtype=torch.float64)
     total_micro = state.total_micro_batches
     total_tokens, total_samples = state.total_tokens, state.total_samples
     grad_norm: Any = None
@@ -220,7 +219,7 @@ def train_loop(
         total_samples += samples
         event = {
             "step": state.step,
-            "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4),
+            "epoch": round(state.epoch + min(state.batches_in_epoch / batches_per_epoch, 1.0), 4),
             "loss": round(mean_loss, 6),
             "learning_rate": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -248,7 +247,6 @@ def train_loop(
                 loss_sum.double(),
                 window_tokens.double(),
                 torch.tensor(float(window_samples), device=accelerator.device, dtype=torch.float64),
-                total_loss,
                 finite.double(),
             ]
         )
@@ -256,15 +254,15 @@ def train_loop(
             sums = accelerator.reduce(sums, reduction="sum")
         if not math.isfinite(sums[0].item()):
             raise diverged("loss is not finite (not saving this state)")
-        if sums[4].item() < world:
+        if sums[3].item() < world:
             raise diverged("weights are not finite (not saving this state)")
-        state.window_loss, state.window_micro_batches = sums[0].item(), loss_count
+        state.window_micro_batches, state.total_micro_batches = loss_count, total_micro
         state.window_tokens, state.window_samples = int(sums[1].item()), int(sums[2].item())
-        state.total_loss, state.total_micro_batches = sums[3].item(), total_micro
         state.total_tokens, state.total_samples = total_tokens, total_samples
         state.elapsed_s = elapsed_before + time.perf_counter() - start
         try:
-            path = save_checkpoint(accelerator, t.output_dir, state, cfg)
+            own_sums = {"window_loss": loss_sum.item(), "total_loss": total_loss.item()}
+            path = save_checkpoint(accelerator, t.output_dir, state, cfg, process_state=own_sums)
         except UserError:
             progress.close()
             raise
@@ -276,19 +274,26 @@ def train_loop(
 
     while state.step < total_steps and not stopped_early:
         # accelerate's prepared loader calls set_epoch(<its own iteration count>) on the sampler when iterated;
-        # align that count with ours, then choose where in the epoch to start (exact resume)
+        # align that count with ours so the sampler shuffles for the right epoch
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(state.epoch)
-        sampler.set_epoch(state.epoch, skip_batches=state.batches_in_epoch)
-        if resume_from is not None and state.batches_in_epoch == 0:
+        sampler.set_epoch(state.epoch, skip_batches=0)
+        # Resuming mid-epoch, the batches already trained on are drawn and dropped (collation only, no model
+        # work): with several processes, accelerate's sharder tops up the epoch's last batches from the epoch's
+        # first ones, so the whole epoch must pass through it for the shards to come out as they did.
+        fast_forward = state.batches_in_epoch // world
+        if resume_from is not None and fast_forward == 0:
             # resuming at an epoch start: starting the loader draws from the torch RNG after this point, as
             # it did in the uninterrupted run
             load_rng(resume_from, accelerator.process_index)
             resume_from = None
         for batch in train_loader:
+            if fast_forward:
+                fast_forward -= 1
+                continue
             if resume_from is not None:
                 # resuming mid-epoch: the uninterrupted run started this epoch's loader (one RNG draw) before
-                # the checkpoint was taken, so restore the RNG only once the loader has started
+                # the checkpoint was taken, so restore the RNG only now that the loader has started
                 load_rng(resume_from, accelerator.process_index)
                 resume_from = None
             num_tokens = batch.pop("num_tokens")
@@ -329,8 +334,7 @@ def train_loop(
     progress.close()
     runtime = elapsed_before + time.perf_counter() - start
     mean = total_loss / max(total_micro, 1)
-    # mean over processes of per-process means; a resumed run's restored sums sit on the main process only,
-    # which gives the same result (sum of all losses / (micro-batches per process x processes))
+    # mean over processes of per-process means
     mean = accelerator.reduce(mean, reduction="mean") if world > 1 else mean
     return TrainResult(
         state=state,
