@@ -35,7 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 #: Dense bf16 peak TFLOP/s by GPU name (tensor cores, no sparsity).
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+    "L4": 121.0,
+}
 
 
 @dataclass
