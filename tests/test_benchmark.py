@@ -280,11 +280,3 @@ def test_build_accelerator_uses_bf16_only_where_native(
     if expected == "bf16":
         with accelerator.autocast():
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-
-
-def test_build_accelerator_refuses_fp16_on_cpu(monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None) -> None:
-    from dialogsum.distributed import build_accelerator
-
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    with pytest.raises(UserError, match="fp16 on the CPU"):
-        build_accelerator()
