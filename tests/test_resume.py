@@ -46,18 +46,27 @@ def dropout_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     return model
 
 
-def _command(method: str, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(REPO / "scripts" / f"train_{method}.py"),
-        *("--model_name_or_path", str(model), "--output_dir", str(out)),
-        *("--train_file", str(data / "train.jsonl"), "--max_train_samples", "20"),
-        *("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--max_train_steps", "7"),
-        *("--logging_steps", "3", "--checkpointing_steps", "2", "--learning_rate", LEARNING_RATE[method]),
-        *("--max_source_length", "64", "--max_target_length", "24"),
-        *("--report_to", "none", "--do_eval", "false"),
-        *extra,
-    ]
+def _command(method: str, model: Path, data: Path, out: Path, *extra: str, **flags: str) -> list[str]:
+    """``python scripts/train_<method>.py`` with the setup above; ``flags`` override single settings."""
+    settings = {
+        "model_name_or_path": str(model),
+        "output_dir": str(out),
+        "train_file": str(data / "train.jsonl"),
+        "max_train_samples": "20",
+        "per_device_train_batch_size": "4",
+        "gradient_accumulation_steps": "2",
+        "max_train_steps": "7",
+        "logging_steps": "3",
+        "checkpointing_steps": "2",
+        "learning_rate": LEARNING_RATE[method],
+        "max_source_length": "64",
+        "max_target_length": "24",
+        "report_to": "none",
+        "do_eval": "false",
+        **flags,
+    }
+    script = str(REPO / "scripts" / f"train_{method}.py")
+    return [sys.executable, script, *(a for k, v in settings.items() for a in (f"--{k}", v)), *extra]
 
 
 def _env() -> dict[str, str]:
@@ -198,8 +207,9 @@ def test_resume_refuses_other_settings_naming_them(
 ) -> None:
     checkpoint = scenarios["lora"]["reference"] / "checkpoint-6"
     resume = ("--resume_from_checkpoint", str(checkpoint))
-    cmd = _command("lora", dropout_model, synthetic_data_dir, tmp_path / "a", *resume, "--lora_r", "8")
-    cmd += ["--max_source_length", "32"]
+    cmd = _command(
+        "lora", dropout_model, synthetic_data_dir, tmp_path / "a", *resume, lora_r="8", max_source_length="32"
+    )
     proc = run_script(cmd, timeout=120, env=_env())
     assert proc.returncode == 1
     error = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
@@ -210,3 +220,31 @@ def test_resume_refuses_other_settings_naming_them(
     cmd = _command("full", dropout_model, synthetic_data_dir, tmp_path / "b", *resume)
     proc = run_script(cmd, timeout=120, env=_env())
     assert proc.returncode == 1 and "method: checkpoint 'lora' vs now 'full'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_for_bit(dropout_model: Path, synthetic_data_dir: Path, tmp_path: Path) -> None:
+    """2 CPU processes (gloo): 22 rows in batches of 2 = 11 per epoch, which the sharder evens out to 6 per
+    process by topping up from the epoch's first batches. Resumed from checkpoint-4 (mid-epoch 1, inside an
+    accumulation cycle, each process with its own RNG and loss sums), the result is the uninterrupted one."""
+    from helpers import accelerate_launch
+
+    def launch(out: Path, *extra: str) -> None:
+        sizes = {"max_train_samples": "22", "per_device_train_batch_size": "2", "max_train_steps": "5"}
+        cmd = _command("full", dropout_model, synthetic_data_dir, out, *extra, checkpointing_steps="4", **sizes)
+        proc = accelerate_launch("multi_cpu.yaml", "train_full.py", cmd[2:], timeout=300, env=_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ref = tmp_path / "reference"
+    launch(ref)
+    state = json.loads((ref / "checkpoint-4" / STATE_FILE).read_text())
+    assert (state["num_processes"], state["epoch"], state["batches_in_epoch"]) == (2, 1, 4)
+    copy = tmp_path / "resumed"
+    copy.mkdir()
+    shutil.copytree(ref / "checkpoint-4", copy / "checkpoint-4")
+    kept = [x for x in (ref / "log_history.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 4]
+    (copy / "log_history.jsonl").write_text("\n".join(kept) + "\n")
+    launch(copy, "--resume_from_checkpoint", "latest")
+    a, b = _weights(ref, "full"), _weights(copy, "full")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(copy) == _log(ref)
