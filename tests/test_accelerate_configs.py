@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
 #: file -> (distributed type, mixed precision, processes)
 EXPECTED = {
-    "cpu.yaml": ("NO", "no", 1),
+    "cpu.yaml": ("NO", "bf16", 1),  # bf16 only where native: build_accelerator falls back to fp32 otherwise
     "multi_cpu.yaml": ("MULTI_GPU", "no", 2),
     "single_gpu.yaml": ("NO", "bf16", 1),
     "multi_gpu.yaml": ("MULTI_GPU", "bf16", 2),
