@@ -73,8 +73,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters")
-    # foreach: one fused kernel launch per group instead of one per tensor
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    # CPU: the fused kernel updates each tensor in one pass; foreach falls back to full-size temporaries there
+    # (flan-t5-base on 2 cores: fused ~0.2 s per step, foreach ~10x slower). GPU: foreach, one launch per group.
+    implementation = {"fused": True} if not torch.cuda.is_available() else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **implementation)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
