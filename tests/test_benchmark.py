@@ -108,9 +108,8 @@ def test_quick_run_rows(quick_results: dict) -> None:
         assert row["speedup_vs_reference"] > 0
         assert 0 < row["mfu"] <= 1
         assert row["matmul_peak_gflops"] > 0 and row["threads"] >= 1
-    # every case trained on the same pool: same real tokens and samples
-    assert len({row["real_tokens"] for row in rows.values()}) == 1
-    assert len({row["samples_per_s"] * row["seconds"] for row in rows.values()}) >= 1
+    # every case trains on the same pool of 5 batches of 8; the warm-up batch (excluded) differs with the order
+    assert all(row["samples_per_s"] * row["seconds"] == pytest.approx(32) for row in rows.values())
     assert rows[f"lora-grouped-{precision}"]["trainable_params"] < rows[default]["trainable_params"]
     assert rows[default]["trainable_params"] == rows[default]["total_params"]
 
