@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch, run_script, subprocess_env
+from conftest import REPO, run_script, subprocess_env
 from safetensors.torch import load_file
 
 from dialogsum.distributed import launch_request_from_argv
@@ -305,9 +305,11 @@ def test_accumulation_matches_processes(two_process_run, quickstart_assets: tupl
     model_dir = quickstart_assets[0]
     assert json.loads((model_dir / "config.json").read_text()).get("dropout_rate", 0.0) == 0.0
     one = tmp_path / "one"
-    p1 = accelerate_launch(
-        "cpu.yaml", "train_full.py", [*FAST, "--gradient_accumulation_steps", "2", "--output_dir", str(one)]
-    )
+    # cpu.yaml asks for bf16; the 2-process side (multi_cpu.yaml) is fp32, so pin fp32 here too.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu.yaml")]
+    cmd += ["--mixed_precision", "no", str(REPO / "scripts" / "train_full.py")]
+    cmd += [*FAST, "--gradient_accumulation_steps", "2", "--output_dir", str(one)]
+    p1 = run_script(cmd, timeout=400)
     assert p1.returncode == 0, p1.stderr[-4000:]
     assert "effective batch: 8 per device x 2 accumulation x 1 process(es) = 16" in p1.stderr
     start = load_file(str(two / "quickstart_assets" / model_dir.name / "model.safetensors"))
