@@ -176,13 +176,18 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
-    """Turn ``--resume_from_checkpoint`` (a path or ``latest``) into a checkpoint folder, checked."""
+    """Turn ``--resume_from_checkpoint`` (a path or ``latest``) into a checkpoint folder, checked.
+
+    ``latest`` without any complete checkpoint gives None: the run starts from the beginning.
+    """
     if not resume:
         return None
     if resume == "latest":
+        # No checkpoint yet (first start, or killed before the first save completed): start from the beginning,
+        # so the same command serves the first start and every restart (spot instances, SageMaker).
         latest = find_latest(output_dir)
         if latest is None:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting afresh", output_dir)
         return latest
     path = Path(resume)
     if not path.is_dir():
