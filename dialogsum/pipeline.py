@@ -185,7 +185,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """Train (full or LoRA), save, evaluate and report. Returns the metrics written to ``metrics.json``."""
     t = cfg.train
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir or "")
-    out = check_output_dir(cfg, resuming=resume is not None)
+    # "latest" may write into its folder even before a first checkpoint exists (a restart killed before it)
+    out = check_output_dir(cfg, resuming=resume is not None or t.resume_from_checkpoint == "latest")
     splits_needed = needed_splits(cfg)
     if not t.quickstart:
         check_data_sources(cfg.data, splits_needed)
