@@ -182,10 +182,10 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path) -> dict[str, Case]
         "non-empty output_dir": Case(
             "train_full.py", common(output_dir=str(full_output)), ["is not empty", "--overwrite_output_dir"]
         ),
-        "resume latest without checkpoint": Case(
+        "resume from a folder that is not a checkpoint": Case(
             "train_full.py",
-            [*common(output_dir=str(full_output)), "--resume_from_checkpoint", "latest"],
-            ["--resume_from_checkpoint latest: no complete checkpoint in"],
+            [*common(), "--resume_from_checkpoint", str(full_output)],
+            ["is not a complete checkpoint (no trainer_state.json)"],
         ),
         "fp16 with T5": Case(
             "train_full.py",
@@ -267,7 +267,7 @@ CASE_NAMES = [
     "unreachable hub model",
     "unreachable hub dataset",
     "non-empty output_dir",
-    "resume latest without checkpoint",
+    "resume from a folder that is not a checkpoint",
     "fp16 with T5",
 ]
 

@@ -6,7 +6,8 @@ step, so an epoch is 3 optimizer steps (2 + 2 + 1, the last one cut short by the
 the last batch of epoch 1); a log line every 3 steps, so log windows straddle checkpoints. The tiny T5 has
 dropout 0.1 (and LoRA its own 0.05), so any slip in the RNG restore changes the weights.
 
-* full: killed *while writing* checkpoint-4 -> resumes from checkpoint-2 and crosses two epoch boundaries;
+* full: killed while writing its first checkpoint (the restart with ``latest`` starts afresh), then killed
+  *while writing* checkpoint-4 -> resumes from checkpoint-2 and crosses two epoch boundaries;
 * LoRA: killed between checkpoints (after checkpoint-4) -> resumes mid-epoch inside an accumulation cycle;
 * both: resumed from a copy of the reference's checkpoint-6 (saved on an epoch's last batch).
 """
@@ -79,19 +80,19 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _kill(cmd: list[str], out: Path, during_save: bool) -> str:
-    """Start training and SIGKILL it once checkpoint-2 is complete: while checkpoint-4 is being written
-    (``during_save``), else just after checkpoint-4 is complete. Returns where it was killed."""
-    with open(out.parent / f"{out.name}.stderr", "w") as err:
+def _kill(cmd: list[str], out: Path, step: int, during_save: bool) -> str:
+    """Start ``cmd`` and SIGKILL it while checkpoint-<step> is being written (``during_save``; if the poll
+    misses that moment, just after), or just after it is complete. Returns where it was killed."""
+    with open(out.parent / f"{out.name}.stderr", "a") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env(), cwd=str(REPO))
         where = None
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
             names = set(os.listdir(out)) if out.is_dir() else set()
-            if during_save and "checkpoint-4.tmp" in names:
-                where = "while writing checkpoint-4"
-            elif "checkpoint-4" in names:
-                where = "after checkpoint-4 was complete"
+            if during_save and f"checkpoint-{step}.tmp" in names:
+                where = f"while writing checkpoint-{step}"
+            elif f"checkpoint-{step}" in names:
+                where = f"after checkpoint-{step} was complete"
             if where:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -126,7 +127,11 @@ def _scenario(method: str, model: Path, data: Path, root: Path) -> dict:
 
     def killed() -> dict:
         out = root / "killed"
-        where = _kill(_command(method, model, data, out), out, during_save=(method == "full"))
+        latest_flag = ("--resume_from_checkpoint", "latest")  # the same command for every (re)start
+        where = []
+        if method == "full":  # first killed while writing its first checkpoint: the restart starts afresh
+            where.append(_kill(_command(method, model, data, out, *latest_flag), out, 2, during_save=True))
+        where.append(_kill(_command(method, model, data, out, *latest_flag), out, 4, during_save=method == "full"))
         latest = find_latest(out)
         leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
         resumed = _run(_command(method, model, data, out, "--resume_from_checkpoint", "latest"))
@@ -153,9 +158,7 @@ def scenarios(
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_killed_run_resumes_to_the_uninterrupted_result(method: str, scenarios: dict[str, dict]) -> None:
     s = scenarios[method]
-    expected_start = "checkpoint-2" if method == "full" else "checkpoint-4"
-    if s["where"] != "while writing checkpoint-4" and method == "full":
-        expected_start = "checkpoint-4"  # the save finished before the poll saw it; still a valid kill point
+    expected_start = "checkpoint-2" if s["where"][-1] == "while writing checkpoint-4" else "checkpoint-4"
     assert s["latest"] is not None and s["latest"].name == expected_start, (s["where"], s["leftovers"])
     assert f"resumed from {s['killed'] / expected_start}" in s["stderr"]
 
@@ -183,7 +186,7 @@ def test_resume_from_the_last_batch_of_an_epoch(method: str, scenarios: dict[str
 def test_kill_during_save_leaves_only_loadable_checkpoints(scenarios: dict[str, dict]) -> None:
     """Whatever the kill left behind, ``latest`` is complete and loads (the resume above used it)."""
     s = scenarios["full"]
-    assert "checkpoint-4.tmp" in s["leftovers"] or s["where"] != "while writing checkpoint-4", s["leftovers"]
+    assert "checkpoint-4.tmp" in s["leftovers"] or s["where"][-1] != "while writing checkpoint-4", s["leftovers"]
     latest = s["latest"]
     assert (latest / STATE_FILE).is_file()
     assert load_file(str(latest / "model.safetensors"))
