@@ -667,9 +667,8 @@ def _model_card_metadata(
             data_name = "DialogSum" if "dialogsum" in str(dataset).lower() else str(dataset)
         else:
             data_name = _data_description(config).replace("`", "")
-        dataset_entry = {"name": data_name, "split": split}
-        if hub_dataset:
-            dataset_entry["type"] = dataset
+        # "type" is required by huggingface_hub's model-index parser (peft parses an existing card on save)
+        dataset_entry = {"name": data_name, "type": dataset if hub_dataset else "local", "split": split}
         meta["model-index"] = [
             {
                 "name": name,

@@ -214,6 +214,19 @@ def test_full_model_card_with_local_base_model(tmp_path: Path) -> None:
     assert "AutoModelForSeq2SeqLM.from_pretrained(model_dir)" in body and "PeftModel" not in body
 
 
+def test_model_card_metadata_parses_with_huggingface_hub(tmp_path: Path) -> None:
+    """peft's save_pretrained parses an existing README.md: a bad model-index broke re-runs into the same folder."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "local-data"
+    metrics = _write_run(out, method="lora", model=str(tmp_path / "base"))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    card = ModelCard.load(str(write_model_card(out, metrics, config)))
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["ROUGE-1"] == round(100 * metrics["rouge1"], 2)
+    assert all(r.dataset_type for r in card.data.eval_results)
+
+
 def _python_block(card: str) -> str:
     return re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
 
