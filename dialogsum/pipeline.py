@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,7 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
         if predictions:
             write_jsonl(out / "predictions.jsonl", predictions)
         _write_reports(out, metrics, cfg)
+        copy_results_for_sagemaker(out)
         logger.info("results in %s: %s", out, _headline(metrics))
     finish_tracking(
         accelerator,
@@ -351,6 +353,26 @@ def _write_reports(out: Path, metrics: dict[str, Any], cfg: Config) -> None:
 
     write_model_card(out, metrics, cfg.to_dict())
     write_run_report(out)
+
+
+RESULT_FILES = ("metrics.json", "predictions.jsonl", "log_history.jsonl", "config.yaml", "parameters.json",
+                "report.md", "plots")
+
+
+def copy_results_for_sagemaker(out: Path) -> Path | None:
+    """On SageMaker, also put the result files (not the weights) in ``SM_OUTPUT_DATA_DIR`` (output.tar.gz)."""
+    target = os.environ.get("SM_OUTPUT_DATA_DIR")
+    if not target or Path(target).resolve() == out.resolve():
+        return None
+    dest = Path(target)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        src = out / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 def _headline(metrics: dict[str, Any]) -> str:
