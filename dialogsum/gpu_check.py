@@ -1,0 +1,260 @@
+"""GPU check: the real flan-t5-base architecture (random weights) through every single-GPU launch path.
+
+One command, no network, no pretrained weights, under 8 minutes on one H100:
+
+    python scripts/gpu_check.py                      # ../shared/models/flan-t5-base + ../shared/data/dialogsum
+    python scripts/gpu_check.py --model_dir DIR --data_file FILE.jsonl --steps 30
+
+It builds flan-t5-base from its config (random init, own lm_head: 247.6M parameters), then trains a few dozen
+steps on DialogSum-format data with the unchanged training scripts under ``accelerate launch``: full and
+LoRA, bf16, plain single GPU, DeepSpeed ZeRO-2 and ZeRO-3 on one GPU, gradient checkpointing off and on; each
+run also generates for a few test dialogues (ZeRO-3: synced_gpus). It prints a table of tokens/s, MFU, peak
+memory (torch.cuda.max_memory_allocated; process RSS with --cpu) and step time, and writes it to
+``<work_dir>/gpu_check.{md,json}``. The numbers say whether each path works and how fast; ROUGE of a random
+model is meaningless and not shown.
+
+MFU counts model FLOPs only (6 x parameters per token for full fine-tuning, 4 x for LoRA whose frozen weights
+need no weight gradients; encoder parameters for prompt tokens, decoder + lm_head for summary tokens;
+attention-score FLOPs and gradient-checkpointing recomputation are not counted).
+``--cpu`` runs the same plan on CPU (cpu.yaml, DeepSpeed on gloo) to check the script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+#: Dense bf16 peak TFLOP/s by GPU name (tensor cores, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+    "L4": 121.0,
+}
+
+
+@dataclass
+class Run:
+    """One training run of the check."""
+
+    name: str
+    config: str
+    method: str
+    gradient_checkpointing: bool = False
+    launch_args: list[str] = field(default_factory=list)
+
+
+def plan(cpu: bool) -> list[Run]:
+    """The runs, in order: plain single device first (fastest to fail), then DeepSpeed."""
+    single = "cpu.yaml" if cpu else "single_gpu.yaml"
+    one = ["--num_processes", "1"]
+    return [
+        Run("full", single, "full"),
+        Run("full +gc", single, "full", True),
+        Run("lora", single, "lora"),
+        Run("lora +gc", single, "lora", True),
+        Run("zero2 full", "deepspeed_zero2.yaml", "full", launch_args=one),
+        Run("zero2 lora", "deepspeed_zero2.yaml", "lora", launch_args=one),
+        Run("zero3 full", "deepspeed_zero3.yaml", "full", launch_args=one),
+        Run("zero3 lora", "deepspeed_zero3.yaml", "lora", launch_args=one),
+        Run("zero3 lora +gc", "deepspeed_zero3.yaml", "lora", True, launch_args=one),
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", default=str(SHARED / "models" / "flan-t5-base"), help="config.json + tokenizer")
+    p.add_argument("--data_file", default=str(SHARED / "data" / "dialogsum" / "dialogsum.dev.jsonl"))
+    p.add_argument("--work_dir", default="/tmp/dialogsum_gpu_check", help="random model, run outputs, table")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--batch_size", type=int, default=8, help="per-device training batch size")
+    p.add_argument("--max_source_length", type=int, default=512)
+    p.add_argument("--max_target_length", type=int, default=128)
+    p.add_argument("--eval_samples", type=int, default=8, help="test dialogues generated per run (0 = none)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--only", nargs="*", default=None, help="run names to keep, e.g. 'full' 'zero3 lora'")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per run before it counts as hung")
+    p.add_argument("--cpu", action="store_true", help="check the script on CPU (tiny --model_dir advised)")
+    return p.parse_args(argv)
+
+
+def prepare_model(model_dir: Path, out: Path) -> dict[str, int]:
+    """Random-init model of ``model_dir``'s architecture, saved with its tokenizer; returns parameter counts."""
+    from transformers import AutoTokenizer
+
+    from dialogsum.modeling import model_from_config
+
+    model = model_from_config(str(model_dir), seed=0)
+    counts = {
+        "encoder": sum(p.numel() for n, p in model.encoder.named_parameters() if "embed_tokens" not in n),
+        "decoder": sum(p.numel() for n, p in model.decoder.named_parameters() if "embed_tokens" not in n),
+        "lm_head": model.get_output_embeddings().weight.numel(),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+    if not (out / "config.json").is_file():
+        model.save_pretrained(str(out), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    return counts
+
+
+def token_split(model_dir: Path, data_file: Path, args: argparse.Namespace) -> float:
+    """Fraction of real training tokens that are prompt (encoder) tokens, measured on ``data_file``."""
+    from dialogsum.config import DataArguments
+    from dialogsum.data import read_rows, tokenize_rows
+    from dialogsum.modeling import load_tokenizer
+
+    data = DataArguments(max_source_length=args.max_source_length, max_target_length=args.max_target_length)
+    _, stats = tokenize_rows(read_rows(data_file), load_tokenizer(str(model_dir)), data)
+    return stats.source_tokens / max(stats.source_tokens + stats.target_tokens, 1)
+
+
+def train_command(run: Run, model: Path, data_file: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    """``accelerate launch`` of the unchanged training script for one run."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(REPO / "accelerate_configs" / run.config), *run.launch_args]
+    if args.cpu and run.config.startswith("deepspeed"):
+        cmd += ["--mixed_precision", "bf16"]
+    cmd += [str(REPO / "scripts" / f"train_{run.method}.py"), "--model_name_or_path", str(model)]
+    cmd += ["--train_file", str(data_file), "--test_file", str(data_file), "--output_dir", str(out)]
+    cmd += ["--overwrite_output_dir", "--report_to", "none", "--max_train_steps", str(args.steps)]
+    cmd += ["--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "5"]
+    cmd += ["--max_source_length", str(args.max_source_length), "--max_target_length", str(args.max_target_length)]
+    cmd += ["--gradient_checkpointing", str(run.gradient_checkpointing).lower()]
+    if args.eval_samples:
+        cmd += ["--max_test_samples", str(args.eval_samples), "--max_new_tokens", "32"]
+        cmd += ["--per_device_eval_batch_size", str(args.eval_samples)]
+    else:
+        cmd += ["--do_eval", "false"]
+    return cmd
+
+
+def measure(out: Path, run: Run, counts: dict[str, int], encoder_share: float, peak: float | None) -> dict:
+    """Throughput, step time, MFU and memory of a finished run (first logging window = warm-up, dropped)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    windows = [h for h in logs if "tokens_per_s" in h and "loss" in h]
+    steady = windows[1:] or windows
+    tokens_per_s = statistics.median(h["tokens_per_s"] for h in steady)
+    samples_per_s = statistics.median(h["samples_per_s"] for h in steady)
+    global_batch = int(metrics.get("num_processes", 1)) * run_batch(out)
+    factor = 4 if run.method == "lora" else 6
+    per_token = encoder_share * counts["encoder"] + (1 - encoder_share) * (counts["decoder"] + counts["lm_head"])
+    flops = factor * per_token * tokens_per_s
+    return {
+        "run": run.name,
+        "config": run.config,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_time_s": round(global_batch / samples_per_s, 4) if samples_per_s else None,
+        "tflops": float(f"{flops / 1e12:.3g}"),
+        "mfu": float(f"{flops / (peak * 1e12):.3g}") if peak else None,
+        "peak_memory_gib": round(metrics["peak_memory_mb"] / 1024, 2),
+        "train_loss": metrics.get("train_loss"),
+        "predictions": metrics.get("num_eval_examples"),
+        "distributed_type": metrics.get("distributed_type"),
+        "mixed_precision": metrics.get("mixed_precision"),
+        "status": "ok",
+    }
+
+
+def run_batch(out: Path) -> int:
+    """Per-device batch size recorded in the run's resolved config."""
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    return int(config["per_device_train_batch_size"]) * int(config["gradient_accumulation_steps"])
+
+
+def execute(cmd: list[str], timeout: int) -> tuple[str, str]:
+    """Run one launch; return ("ok" or "FAILED: <last error line>", its output)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+        return f"FAILED: timed out after {timeout} s (hang?)", output
+    if proc.returncode == 0:
+        return "ok", proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or line.startswith("error:")]
+    last = (errors or proc.stderr.strip().splitlines() or ["no output"])[-1].strip()
+    return f"FAILED: {last[:160]}", proc.stdout + proc.stderr
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the results."""
+    head = "| run | launcher config | tokens/s | step time (s) | TFLOP/s | MFU | peak memory (GiB) | status |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.3g}%" if r.get("mfu") is not None else "n/a"
+        lines.append(
+            f"| {r['run']} | {r['config']} | {r.get('tokens_per_s', '')} | {r.get('step_time_s', '')} | "
+            f"{r.get('tflops', '')} | {mfu} | {r.get('peak_memory_gib', '')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def device_peak(args: argparse.Namespace) -> tuple[str, float | None]:
+    """Device name and its bf16 peak TFLOP/s (None when unknown)."""
+    import torch
+
+    if args.cpu:
+        return "cpu", args.peak_tflops
+    if not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU visible; use --cpu to check the script on CPU")
+    name = torch.cuda.get_device_name(0)
+    known = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return name, args.peak_tflops or known
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prepare the random model, run every configuration, print and save the table."""
+    args = parse_args(argv)
+    model_dir, data_file, work = Path(args.model_dir), Path(args.data_file), Path(args.work_dir)
+    for path, what in ((model_dir / "config.json", "--model_dir config.json"), (data_file, "--data_file")):
+        if not path.is_file():
+            sys.exit(f"error: {what} not found: {path}")
+    os.environ.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    device, peak = device_peak(args)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    counts = prepare_model(model_dir, work / "model")
+    encoder_share = token_split(model_dir, data_file, args)
+    print(
+        f"device {device}; peak {peak} TFLOP/s; {counts['total'] / 1e6:.1f}M parameters; "
+        f"{100 * encoder_share:.0f}% of real tokens are prompt tokens",
+        flush=True,
+    )
+    rows = []
+    runs = [r for r in plan(args.cpu) if args.only is None or r.name in args.only]
+    for run in runs:
+        out = work / run.name.replace(" ", "_").replace("+", "")
+        t0 = time.perf_counter()
+        status, log = execute(train_command(run, work / "model", data_file, out, args), args.timeout)
+        if status == "ok":
+            row = measure(out, run, counts, encoder_share, peak)
+        else:
+            row = {"run": run.name, "config": run.config, "status": status}
+            (work / f"{out.name}.log").write_text(log)
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(f"{run.name}: {row['status']} ({row['wall_s']} s)", flush=True)
+    text = f"GPU check on {device} ({time.perf_counter() - started:.0f} s)\n\n{table(rows)}\n"
+    (work / "gpu_check.md").write_text(text)
+    (work / "gpu_check.json").write_text(json.dumps({"device": device, "peak_tflops": peak, "runs": rows}, indent=2))
+    print(text)
+    sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
+
