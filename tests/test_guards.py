@@ -114,15 +114,20 @@ def test_divergence_after_a_checkpoint_keeps_it(tiny_model_dir: Path, synthetic_
 # --------------------------------------------------------------------------------------------- disk full
 
 
-@pytest.fixture
-def trained(tiny_model_dir: Path, synthetic_data_dir: Path, tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, synthetic_data_dir: Path) -> Path:
     """A finished 2-step full fine-tune with checkpoint-2 (to be resumed on a full disk)."""
-    out = tmp_path / "run"
-    proc = _train(
-        "full", tiny_model_dir, synthetic_data_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2"
-    )
+    out = tmp_path_factory.mktemp("finished") / "run"
+    extra = ("--max_train_steps", "2", "--checkpointing_steps", "2")
+    proc = _train("full", tiny_model_dir, synthetic_data_dir, out, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def trained(finished_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished run."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
 def _resume_on_full_disk(out: Path, model: Path, data: Path, **popen: object) -> str:
