@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from dialogsum.config import GenerationArguments
+from dialogsum.config import Config, GenerationArguments
 from dialogsum.data import EvalExample, build_prompt, encode_texts
 from dialogsum.distributed import is_zero3
 from dialogsum.metrics import compute_rouge
@@ -172,3 +172,25 @@ def evaluate_examples(
         for e, p in zip(examples, predictions)
     ]
     return metrics, records
+
+
+def evaluate_with_config(
+    accelerator: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[EvalExample],
+    cfg: Config,
+    desc: str = "evaluating",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`evaluate_examples` with the prompt, generation and batch settings of a run configuration."""
+    return evaluate_examples(
+        accelerator,
+        model,
+        tokenizer,
+        examples,
+        cfg.data.prompt_template,
+        cfg.gen,
+        cfg.train.per_device_eval_batch_size,
+        cfg.data.max_source_length,
+        desc=desc,
+    )

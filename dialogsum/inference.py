@@ -310,7 +310,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     """
     from dialogsum.data import check_data_sources, eval_examples, load_splits
     from dialogsum.distributed import build_accelerator, finish, topology
-    from dialogsum.evaluation import evaluate_examples
+    from dialogsum.evaluation import evaluate_with_config
     from dialogsum.modeling import describe_parameters, parameter_report
     from dialogsum.pipeline import check_output_dir
     from dialogsum.tracking import peak_memory_mb
@@ -336,16 +336,8 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         logger.info(describe_parameters(params))
         model = place_model(accelerator, model, cfg.train.per_device_eval_batch_size)
         start = time.perf_counter()
-        metrics, predictions = evaluate_examples(
-            accelerator,
-            model,
-            tokenizer,
-            examples,
-            cfg.data.prompt_template,
-            cfg.gen,
-            cfg.train.per_device_eval_batch_size,
-            cfg.data.max_source_length,
-            desc=f"evaluating on {split}",
+        metrics, predictions = evaluate_with_config(
+            accelerator, model, tokenizer, examples, cfg, f"evaluating on {split}"
         )
         runtime = time.perf_counter() - start
         metrics.update(

@@ -38,7 +38,7 @@ from dialogsum.data import (
 )
 from dialogsum.distributed import build_accelerator, finish, set_deepspeed_micro_batch, topology
 from dialogsum.errors import UserError
-from dialogsum.evaluation import evaluate_examples, evaluation_loss
+from dialogsum.evaluation import evaluate_with_config, evaluation_loss
 from dialogsum.modeling import (
     apply_lora,
     check_model_source,
@@ -247,17 +247,7 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
             metrics = {"eval_loss": evaluation_loss(accelerator, model, val_loader)}
             if t.eval_with_generation:
                 examples = eval_examples(splits["validation"], cfg.data, limit=cfg.data.max_eval_samples)
-                rouge, _ = evaluate_examples(
-                    accelerator,
-                    model,
-                    tokenizer,
-                    examples,
-                    cfg.data.prompt_template,
-                    cfg.gen,
-                    t.per_device_eval_batch_size,
-                    cfg.data.max_source_length,
-                    desc=f"eval @ step {step}",
-                )
+                rouge, _ = evaluate_with_config(accelerator, model, tokenizer, examples, cfg, f"eval @ step {step}")
                 metrics.update({f"eval_{k}": rouge[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")})
             return metrics
 
@@ -287,16 +277,8 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
     if t.do_eval:
         limit = cfg.data.max_test_samples if t.eval_split == "test" else cfg.data.max_eval_samples
         examples = eval_examples(splits[t.eval_split], cfg.data, limit=limit)
-        rouge, predictions = evaluate_examples(
-            accelerator,
-            model,
-            tokenizer,
-            examples,
-            cfg.data.prompt_template,
-            cfg.gen,
-            t.per_device_eval_batch_size,
-            cfg.data.max_source_length,
-            desc=f"evaluating on {t.eval_split}",
+        rouge, predictions = evaluate_with_config(
+            accelerator, model, tokenizer, examples, cfg, f"evaluating on {t.eval_split}"
         )
         metrics.update(rouge)
         metrics["eval_split"] = t.eval_split
@@ -355,8 +337,15 @@ def _write_reports(out: Path, metrics: dict[str, Any], cfg: Config) -> None:
     write_run_report(out)
 
 
-RESULT_FILES = ("metrics.json", "predictions.jsonl", "log_history.jsonl", "config.yaml", "parameters.json",
-                "report.md", "plots")
+RESULT_FILES = (
+    "metrics.json",
+    "predictions.jsonl",
+    "log_history.jsonl",
+    "config.yaml",
+    "parameters.json",
+    "report.md",
+    "plots",
+)
 
 
 def copy_results_for_sagemaker(out: Path) -> Path | None:
