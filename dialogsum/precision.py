@@ -1,9 +1,11 @@
 """Mixed precision on the CPU: bf16 autocast only where the CPU computes bf16 natively.
 
-Measured on a 2-core Xeon with AVX-512 BF16: a flan-t5-base training step is ~1.6x faster under bf16 autocast
-than in fp32. On CPUs without native bf16 (AVX-512 without the BF16 extension, e.g. the m5 instance class,
+bf16 autocast can make a flan-t5-base training step ~1.6x faster than fp32 where bf16 matmuls are fast. On
+CPUs without native bf16 (AVX-512 without the BF16 extension, e.g. the m5 instance class,
 or AVX2 only) oneDNN emulates bf16 and it is *slower* than fp32, so a launcher config that asks for bf16 is
-downgraded to fp32 there (with a log line). fp16 never pays off on the CPU: T5 overflows in fp16 and CPU fp16
+downgraded to fp32 there (with a log line). A native flag is not enough either: on this project's 2-core
+KVM Xeon (``avx512_bf16``, no AMX exposed) a bf16 matmul runs at half the fp32 rate, so a ~0.1 s timing probe
+decides. fp16 never pays off on the CPU: T5 overflows in fp16 and CPU fp16
 matmuls run ~100x slower than fp32.
 
 ``DIALOGSUM_CPU_BF16`` overrides the detection: ``auto`` (default), ``force`` (use bf16 even where it is
@@ -12,9 +14,11 @@ emulated, e.g. to measure it) or ``off`` (always fp32 on the CPU).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 from dialogsum.errors import UserError
@@ -27,6 +31,8 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 ENV_OVERRIDE = "DIALOGSUM_CPU_BF16"
 OVERRIDE_CHOICES = ("auto", "force", "off")
+#: bf16 is kept only when a bf16 matmul beats fp32 by at least this factor (timing noise margin).
+MIN_BF16_SPEEDUP = 1.1
 
 
 def cpu_bf16_feature(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
@@ -53,6 +59,29 @@ def cpu_has_native_bf16() -> bool:
     return cpu_bf16_feature() is not None
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_speedup(n: int = 1024, reps: int = 5) -> float:
+    """How much faster a bf16 matmul is than an fp32 one on this CPU (best of ``reps``; ~0.1 s).
+
+    The CPU flag alone is not enough: on a 2-core KVM Xeon with ``avx512_bf16`` (no AMX exposed) oneDNN's
+    native bf16 kernel measured ~165 GFLOP/s against ~320 for MKL's fp32.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        torch.matmul(x, y)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.matmul(x, y)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+
+
 def _override() -> str:
     value = os.environ.get(ENV_OVERRIDE, "auto").strip().lower() or "auto"
     if value not in OVERRIDE_CHOICES:
@@ -60,11 +89,15 @@ def _override() -> str:
     return value
 
 
-def resolve_cpu_precision(requested: str, native_bf16: bool | None = None) -> tuple[str, str]:
+def resolve_cpu_precision(
+    requested: str, native_bf16: bool | None = None, speedup: float | None = None
+) -> tuple[str, str]:
     """The mixed precision to use on the CPU for a ``requested`` one, and why (one line for the log).
 
-    ``requested`` is accelerate's value (``no``, ``bf16``, ``fp16``, ``fp8``). ``native_bf16`` defaults to
-    :func:`cpu_has_native_bf16`. Raises :class:`UserError` for fp16/fp8, which never pay off on a CPU.
+    ``requested`` is accelerate's value (``no``, ``bf16``, ``fp16``, ``fp8``). bf16 is kept where the CPU has
+    native bf16 (``native_bf16``, default :func:`cpu_has_native_bf16`) *and* a bf16 matmul is measurably
+    faster than fp32 (``speedup``, default :func:`bf16_matmul_speedup`, kept at >= 1.1x). Raises
+    :class:`UserError` for fp16/fp8, which never pay off on a CPU.
     """
     requested = (requested or "no").lower()
     if requested in ("fp16", "fp8"):
@@ -82,7 +115,13 @@ def resolve_cpu_precision(requested: str, native_bf16: bool | None = None) -> tu
     native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
     if native:
         feature = cpu_bf16_feature() or "native bf16"
-        return "bf16", f"bf16 autocast (the CPU has {feature})"
+        ratio = bf16_matmul_speedup() if speedup is None else speedup
+        if ratio >= MIN_BF16_SPEEDUP:
+            return "bf16", f"bf16 autocast (the CPU has {feature}; a bf16 matmul measured {ratio:.2f}x fp32)"
+        return "no", (
+            f"fp32: the CPU has {feature} but a bf16 matmul measured only {ratio:.2f}x fp32 here; set "
+            f"{ENV_OVERRIDE}=force to use bf16 anyway"
+        )
     return "no", (
         "fp32: the accelerate config asks for bf16 but this CPU has no native bf16 (no AMX/AVX-512 BF16), where "
         f"emulated bf16 is slower than fp32; set {ENV_OVERRIDE}=force to use it anyway"

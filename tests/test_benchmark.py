@@ -228,7 +228,9 @@ def test_cpu_bf16_feature_reads_cpuinfo(tmp_path: Path, text: str, expected: str
 
 def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DIALOGSUM_CPU_BF16", raising=False)
-    assert resolve_cpu_precision("bf16", native_bf16=True)[0] == "bf16"
+    assert resolve_cpu_precision("bf16", native_bf16=True, speedup=1.8)[0] == "bf16"
+    chosen, reason = resolve_cpu_precision("bf16", native_bf16=True, speedup=0.5)
+    assert chosen == "no" and "measured only 0.50x fp32" in reason  # a native flag but slow bf16 kernels
     chosen, reason = resolve_cpu_precision("bf16", native_bf16=False)
     assert chosen == "no" and "no native bf16" in reason
     assert resolve_cpu_precision("no", native_bf16=True)[0] == "no"
@@ -237,7 +239,7 @@ def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIALOGSUM_CPU_BF16", "force")
     assert resolve_cpu_precision("bf16", native_bf16=False)[0] == "bf16"
     monkeypatch.setenv("DIALOGSUM_CPU_BF16", "off")
-    assert resolve_cpu_precision("bf16", native_bf16=True)[0] == "no"
+    assert resolve_cpu_precision("bf16", native_bf16=True, speedup=1.8)[0] == "no"
     monkeypatch.setenv("DIALOGSUM_CPU_BF16", "maybe")
     with pytest.raises(UserError, match="DIALOGSUM_CPU_BF16"):
         resolve_cpu_precision("bf16", native_bf16=True)
@@ -264,11 +266,12 @@ def fresh_accelerator_state():
 def test_build_accelerator_uses_bf16_only_where_native(
     monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None, native: bool, override: str | None, expected: str
 ) -> None:
-    """A launcher config asking for bf16 (cpu.yaml) gets fp32 on a CPU without native bf16, with a log line."""
+    """A launcher config asking for bf16 (cpu.yaml) gets fp32 on a CPU without fast native bf16, with a log line."""
     import dialogsum.precision
     from dialogsum.distributed import build_accelerator
 
     monkeypatch.setattr(dialogsum.precision, "cpu_has_native_bf16", lambda: native)  # stands for the CPU model
+    monkeypatch.setattr(dialogsum.precision, "bf16_matmul_speedup", lambda: 1.8)  # and for its bf16 kernels
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     if override is None:
         monkeypatch.delenv("DIALOGSUM_CPU_BF16", raising=False)
