@@ -109,7 +109,7 @@ def test_quick_run_rows(quick_results: dict) -> None:
         assert 0 < row["mfu"] <= 1
         assert row["matmul_peak_gflops"] > 0 and row["threads"] >= 1
     # every case trains on the same pool of 5 batches of 8; the warm-up batch (excluded) differs with the order
-    assert all(row["samples_per_s"] * row["seconds"] == pytest.approx(32) for row in rows.values())
+    assert all(row["samples_per_s"] * row["seconds"] == pytest.approx(32, rel=0.01) for row in rows.values())
     assert rows[f"lora-grouped-{precision}"]["trainable_params"] < rows[default]["trainable_params"]
     assert rows[default]["trainable_params"] == rows[default]["total_params"]
 
