@@ -6,10 +6,12 @@ Nothing here touches the network: HF_HUB_OFFLINE is set for the whole test sessi
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import DIALOGSUM_DEV, FLAN_T5_BASE_DIR, REPO, SHARED, accelerate_launch, run_script, subprocess_env
 
 __all__ = ["REPO", "SHARED", "accelerate_launch", "run_script", "subprocess_env"]
@@ -53,3 +55,62 @@ def dialogsum_dev() -> Path:
     if not DIALOGSUM_DEV.is_file():
         pytest.skip("../shared/data/dialogsum/dialogsum.dev.jsonl is not available")
     return DIALOGSUM_DEV
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Tests that build an Accelerator in-process: forget accelerate's singleton state before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~50x slower)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # also tells build_accelerator the count was chosen
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]) -> Path:
+    """The quick-start tiny T5 trained for 30 steps of 8 examples (one thread, ~1 s) so that it writes words.
+
+    The model picks up the summary templates but is far from perfect, so ROUGE is informative (neither 0 nor
+    1). Plain torch: this is a test asset, not the training under test.
+    """
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from dialogsum.config import LAB_PROMPT
+
+    model_dir, data_dir = quickstart_assets
+    output_dir = tmp_path_factory.mktemp("trained_tiny")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(30):
+        batch = [rows[(step * 8 + i) % len(rows)] for i in range(8)]
+        prompts = [LAB_PROMPT.format(dialogue=r["dialogue"]) for r in batch]
+        inputs = tokenizer(prompts, padding=True, return_tensors="pt")
+        labels = tokenizer([r["summary"] for r in batch], padding=True, return_tensors="pt").input_ids
+        labels[labels == tokenizer.pad_token_id] = -100
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    return output_dir

@@ -245,26 +245,12 @@ def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_cpu_precision("bf16", native_bf16=True)
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """build_accelerator in-process: forget accelerate's singleton state before and after."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    threads = torch.get_num_threads()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("native", "override", "expected"),
     [(False, None, "no"), (True, None, "bf16"), (False, "force", "bf16"), (True, "off", "no")],
 )
 def test_build_accelerator_uses_bf16_only_where_native(
-    monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None, native: bool, override: str | None, expected: str
+    monkeypatch: pytest.MonkeyPatch, fresh_accelerate_state: None, native: bool, override: str | None, expected: str
 ) -> None:
     """A launcher config asking for bf16 (cpu.yaml) gets fp32 on a CPU without fast native bf16, with a log line."""
     import dialogsum.precision

@@ -112,15 +112,6 @@ def test_state_file_from_a_newer_version_still_reads(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- LoRA weights
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator; reset accelerate's process-wide state afterwards."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _prepared_lora(model_dir: Path, seed: int, r: int = 4):
     from accelerate import Accelerator
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from helpers import REPO, run_script, subprocess_env
 
-from dialogsum.config import LAB_PROMPT, LoraArguments
+from dialogsum.config import LoraArguments
 from dialogsum.errors import UserError
 from dialogsum.inference import parse_evaluate_args, run_evaluation
 from dialogsum.quickstart import build_tiny_t5
@@ -22,55 +22,17 @@ NUM_DIALOGUES = 7  # odd: with 2 processes one of them gets a filler batch that 
 FLAGS = ["--max_new_tokens", "24", "--per_device_eval_batch_size", "2", "--max_source_length", "96"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~50x slower)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # also tells build_accelerator the count was chosen
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def train_tiny_model(model_dir: Path, data_dir: Path, output_dir: Path, steps: int = 30) -> Path:
-    """The quick-start tiny T5 trained for a few steps (one thread, ~1 s) so that it writes real words.
-
-    About 30 steps of 8 examples: the model picks up the summary templates but is far from perfect, so
-    ROUGE is informative (neither 0 nor 1). Plain torch: this is a test asset, not the training under test.
-    """
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
-    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for step in range(steps):
-        batch = [rows[(step * 8 + i) % len(rows)] for i in range(8)]
-        prompts = [LAB_PROMPT.format(dialogue=r["dialogue"]) for r in batch]
-        inputs = tokenizer(prompts, padding=True, return_tensors="pt")
-        labels = tokenizer([r["summary"] for r in batch], padding=True, return_tensors="pt").input_ids
-        labels[labels == tokenizer.pad_token_id] = -100
-        model(**inputs, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    torch.set_num_threads(threads)
-    model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    return output_dir
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]) -> dict[str, Path]:
+def assets(
+    tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path], trained_tiny_model: Path
+) -> dict[str, Path]:
     """A briefly trained tiny T5, and the same test dialogues as an official-format and a flattened file."""
     root = tmp_path_factory.mktemp("evaluate")
     model_dir, data_dir = quickstart_assets
-    trained = train_tiny_model(model_dir, data_dir, root / "trained")
+    trained = trained_tiny_model
 
     test_rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()][:NUM_DIALOGUES]
     official, flattened = [], []

@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import REPO, run_script, subprocess_env
-from test_evaluate_script import train_tiny_model
 
 from dialogsum.config import DataArguments, LoraArguments
 from dialogsum.errors import UserError
@@ -22,22 +20,12 @@ SCRIPT = REPO / "scripts" / "summarize.py"
 FLAGS = ["--max_new_tokens", "24", "--per_device_eval_batch_size", "3", "--max_source_length", "96"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~50x slower)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]) -> Path:
-    return train_tiny_model(*quickstart_assets, tmp_path_factory.mktemp("summarize") / "trained")
+def model(trained_tiny_model: Path) -> Path:
+    return trained_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,7 @@ from safetensors.torch import load_file
 from dialogsum.config import parse_config
 from dialogsum.pipeline import run_training
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; forget the previous one's singleton state."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    threads = torch.get_num_threads()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _train(method: str, out: Path, model_dir: Path, data_dir: Path, *extra: str) -> dict:
