@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import ConfigError, UserError
+from dialogsum.files import parse_jsonl, read_text
 from dialogsum.metrics import (
     HEADLINE_PROTOCOL,
     PROTOCOLS,
@@ -94,22 +95,13 @@ def parse_run_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
     return runs
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
 def _load_metrics(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(
             f"no metrics.json in {path.parent} (expected the output folder of a training or evaluate.py run)"
         )
     try:
-        metrics = json.loads(_read_text(path))
+        metrics = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(metrics, dict):
@@ -134,16 +126,8 @@ def _load_predictions(path: Path) -> tuple[list[str], list[str], list[list[str]]
     references: list[list[str]] = []
     predictions: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in enumerate(parse_jsonl(read_text(path), str(path)), start=1):
         where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise UserError(f"{where} is not a JSON object")
         if not isinstance(row.get("prediction"), str) or not isinstance(row.get("dialogue"), str):
             raise UserError(f"{where} needs string fields 'dialogue' and 'prediction'")
         example_id = str(row.get("id", row["dialogue"]))

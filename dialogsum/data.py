@@ -5,9 +5,6 @@ Everything here runs before a model is loaded, so bad input fails in seconds wit
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import re
@@ -21,10 +18,12 @@ from torch.utils.data import Dataset
 
 from dialogsum.config import DataArguments
 from dialogsum.errors import UserError
+from dialogsum.files import SUPPORTED_EXTENSIONS, read_rows
+
+__all__ = ["SUPPORTED_EXTENSIONS", "read_rows"]  # re-exported: file reading lives in dialogsum.files
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SPLITS = ("train", "validation", "test")
 _MULTI_REF = re.compile(r"^(?P<base>.+?)(?P<num>\d+)$")
 _ID_SUFFIX = re.compile(r"_\d+$")
@@ -33,60 +32,6 @@ Row = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------- reading
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    """Read a local .jsonl/.json/.csv/.parquet file into a list of dicts, with one clear error per problem."""
-    file = Path(path)
-    if not file.exists():
-        raise UserError(f"data file not found: {file}")
-    if file.is_dir():
-        raise UserError(f"data file is a directory, expected a file: {file}")
-    suffix = file.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        raise UserError(
-            f"unsupported data file type {suffix or '(none)'} for {file}; use one of {', '.join(SUPPORTED_EXTENSIONS)}"
-        )
-    if file.stat().st_size == 0:
-        raise UserError(f"data file is empty: {file}")
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(file).to_pylist()
-        except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-            raise UserError(f"cannot read parquet file {file}: {str(exc).splitlines()[0]}") from exc
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{file} is not UTF-8 text (bad byte at line {line}); re-save it as UTF-8") from exc
-    if suffix == ".csv":
-        return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]  # keeps newlines in quoted fields
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # a .json file may also be JSON lines
-        if data is not None:
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise UserError(f"{file}: expected a JSON list of objects (or JSON lines)")
-            return data
-    rows: list[Row] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{file}: line {number} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise UserError(f"{file}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
 
 
 def _summary_columns(columns: Sequence[str], summary_column: str) -> list[str]:

@@ -36,6 +36,7 @@ from dialogsum.config import (
     build_parser,
 )
 from dialogsum.errors import UserError
+from dialogsum.files import decode_utf8, read_rows
 
 if TYPE_CHECKING:
     import torch
@@ -377,14 +378,6 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- summarize
 
 
-def _decode(raw: bytes, source: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{source} is not UTF-8 text (bad byte at line {line}); re-save it as UTF-8") from exc
-
-
 def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[str, str]]:
     """``(id, dialogue)`` pairs to summarize, from stdin, a text file, or a table of dialogues.
 
@@ -392,7 +385,7 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
     ``data.id_column`` or the row number); any other file, or stdin, is one dialogue.
     """
     if input_file in (None, "-"):
-        text = _decode(sys.stdin.buffer.read(), "standard input")
+        text = decode_utf8(sys.stdin.buffer.read(), "standard input")
         if not text.strip():
             raise UserError("no dialogue on standard input (pipe one in, or pass --input_file)")
         return [("stdin", text.strip())]
@@ -404,12 +397,10 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
     if not os.access(path, os.R_OK):
         raise UserError(f"--input_file is not readable (permission denied): {input_file}")
     if path.suffix.lower() not in TABULAR_SUFFIXES:
-        text = _decode(path.read_bytes(), str(path))
+        text = decode_utf8(path.read_bytes(), str(path))
         if not text.strip():
             raise UserError(f"--input_file {input_file} is empty: no dialogue to summarize")
         return [(path.stem, text.strip())]
-    from dialogsum.data import read_rows  # imports torch: only for tables
-
     rows = read_rows(path)
     if not rows:
         raise UserError(f"--input_file {input_file} has no rows")
