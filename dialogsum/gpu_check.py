@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     for path, what in ((model_dir / "config.json", "--model_dir config.json"), (data_file, "--data_file")):
         if not path.is_file():
             sys.exit(f"error: {what} not found: {path}")
+    runs = [r for r in plan(args.cpu) if args.only is None or r.name in args.only]
+    if not runs:
+        sys.exit(f"error: --only matched no run; names: {', '.join(r.name for r in plan(args.cpu))}")
     os.environ.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -239,7 +242,6 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     rows = []
-    runs = [r for r in plan(args.cpu) if args.only is None or r.name in args.only]
     for run in runs:
         out = work / run.name.replace(" ", "_").replace("+", "")
         t0 = time.perf_counter()
@@ -252,9 +254,11 @@ def main(argv: list[str] | None = None) -> None:
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(f"{run.name}: {row['status']} ({row['wall_s']} s)", flush=True)
-    text = f"GPU check on {device} ({time.perf_counter() - started:.0f} s)\n\n{table(rows)}\n"
-    (work / "gpu_check.md").write_text(text)
-    (work / "gpu_check.json").write_text(json.dumps({"device": device, "peak_tflops": peak, "runs": rows}, indent=2))
+        # Written after every run, so a check stopped part-way still leaves the rows it finished.
+        text = f"GPU check on {device} ({time.perf_counter() - started:.0f} s)\n\n{table(rows)}\n"
+        (work / "gpu_check.md").write_text(text)
+        report = {"device": device, "peak_tflops": peak, "runs": rows}
+        (work / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(text)
     sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
 
