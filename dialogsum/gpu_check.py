@@ -261,4 +261,3 @@ def main(argv: list[str] | None = None) -> None:
         (work / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(text)
     sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
-

@@ -117,9 +117,11 @@ def load_model(name_or_path: str) -> torch.nn.Module:
         raise UserError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from exc
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is embed.weight and checkpoint_has_own_lm_head(name_or_path):
-        raise UserError(f"{name_or_path} has its own lm_head but it was loaded tied to the input embedding (DeepSpeed "
-                        "ZeRO-3 sharded loading does this with transformers 5.x); set zero3_init_flag: false in the "
-                        "accelerate config")
+        raise UserError(
+            f"{name_or_path} has its own lm_head but it was loaded tied to the input embedding (DeepSpeed "
+            "ZeRO-3 sharded loading does this with transformers 5.x); set zero3_init_flag: false in the "
+            "accelerate config"
+        )
     return model
 
 
