@@ -401,7 +401,8 @@ def _load_model(spec: dict[str, Any], case: Case) -> torch.nn.Module:
     from dialogsum.modeling import apply_lora, enable_gradient_checkpointing, load_model
 
     torch.manual_seed(spec["seed"])
-    model = load_model(spec["model_path"])
+    # the reference loads the model as the usual example does (from_pretrained, nothing swapped)
+    model = load_model(spec["model_path"], fused_activations=case.loop != "reference")
     if case.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if case.method == "lora":

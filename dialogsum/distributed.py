@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
+from dialogsum.cpu_runtime import request_huge_pages, tune_cpu_runtime
 from dialogsum.errors import UserError
 from dialogsum.precision import cpu_mixed_precision_override
 
@@ -192,13 +193,16 @@ def build_accelerator(
 
     * Without a GPU, several processes run on the CPU backend (gloo), DeepSpeed included.
     * Raises :class:`UserError` when the number of processes differs from what the launcher was asked for.
-    * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count.
+    * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count, and
+      the runtime settings of :mod:`dialogsum.cpu_runtime` (denormals flushed, freed memory kept).
     * Under DeepSpeed, ``per_device_train_batch_size`` is written into its config (see
       :func:`set_deepspeed_micro_batch`): required when the training loader uses a batch sampler.
     """
     request = read_launch_request()
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     on_cpu = not _gpu_available() or request.use_cpu
+    if on_cpu:
+        request_huge_pages()  # read by PyTorch at its first large allocation: before anything is built
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs_handlers: list[Any] = []
     if on_cpu and (env_world > 1 or deepspeed):
@@ -235,6 +239,7 @@ def build_accelerator(
     if accelerator.device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
         _set_cpu_threads(request, local_world)
+        tune_cpu_runtime()
     if per_device_train_batch_size is not None:
         set_deepspeed_micro_batch(accelerator, per_device_train_batch_size)
     return accelerator
