@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
-from dialogsum.cpu_runtime import request_huge_pages, tune_cpu_runtime
+from dialogsum.cpu_runtime import tune_cpu_runtime
 from dialogsum.errors import UserError
 from dialogsum.precision import cpu_mixed_precision_override
 
@@ -202,7 +202,9 @@ def build_accelerator(
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     on_cpu = not _gpu_available() or request.use_cpu
     if on_cpu:
-        request_huge_pages()  # read by PyTorch at its first large allocation: before anything is built
+        # first, before any tensor or thread exists: PyTorch reads the huge-page switch at its first allocation,
+        # and OpenMP worker threads take the denormal mode of the thread that creates them
+        tune_cpu_runtime()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs_handlers: list[Any] = []
     if on_cpu and (env_world > 1 or deepspeed):
@@ -239,7 +241,6 @@ def build_accelerator(
     if accelerator.device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
         _set_cpu_threads(request, local_world)
-        tune_cpu_runtime()
     if per_device_train_batch_size is not None:
         set_deepspeed_micro_batch(accelerator, per_device_train_batch_size)
     return accelerator

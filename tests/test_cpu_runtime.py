@@ -19,6 +19,9 @@ from dialogsum.cpu_runtime import tune_cpu_runtime
 applied = tune_cpu_runtime()                   # first, as training does: before any tensor is allocated
 tiny = torch.tensor([1e-39, 3e-39])            # denormal float32 values
 products = (tiny * 1.0).tolist()
+torch.set_num_threads(2)
+big = torch.full((1 << 22,), 1e-39)            # large enough to be split over the OpenMP threads
+nonzero_in_threads = int((big * 1.0).count_nonzero())
 def step():                                    # allocations shaped like a training step's activations (MiB)
     keep = []
     for size in (3, 6, 12, 24, 6, 48, 12, 3, 96, 24):
@@ -28,7 +31,7 @@ faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
     step()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // 4
-print(json.dumps({"applied": applied, "products": products, "faults": faults,
+print(json.dumps({"applied": applied, "products": products, "faults": faults, "nonzero": nonzero_in_threads,
                   "thp": os.environ.get("THP_MEM_ALLOC_ENABLE")}))
 """
 
@@ -46,6 +49,7 @@ def test_denormals_are_flushed_after_tuning() -> None:
     tuned, untouched = _probe(), _probe(DIALOGSUM_CPU_TUNING="off")
     assert untouched["products"][0] == pytest.approx(1e-39, rel=1e-3)  # the CPU computes denormals by default
     assert tuned["products"] == [0.0, 0.0]
+    assert tuned["nonzero"] == 0 and untouched["nonzero"] == 1 << 22  # in every OpenMP thread too
     assert "denormals flushed to zero" in tuned["applied"]
 
 
@@ -74,3 +78,20 @@ def test_user_choice_of_huge_pages_is_kept() -> None:
     result = _probe(THP_MEM_ALLOC_ENABLE="0")
     assert result["thp"] == "0"
     assert "huge pages for tensors >= 2 MiB" not in result["applied"]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="FTZ/DAZ are x86 flags")
+def test_build_accelerator_flushes_denormals_on_cpu() -> None:
+    """The training/evaluation entry point applies the tuning itself (here with its bf16 matmul probe on)."""
+    code = (
+        "import torch\n"
+        "from dialogsum.distributed import build_accelerator\n"
+        "build_accelerator()\n"
+        "big = torch.full((1 << 22,), 1e-39)\n"
+        "print(torch.get_num_threads(), int((big * 1.0).count_nonzero()))\n"
+    )
+    env = subprocess_env(ACCELERATE_MIXED_PRECISION="bf16", OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads, nonzero = proc.stdout.split()
+    assert nonzero == "0", f"denormals survived in an OpenMP thread ({threads} threads)"
