@@ -13,8 +13,9 @@ batch 8, 256 prompt + 48 summary tokens, fp32):
   Keeping freed memory in the process (mmap threshold 32 MiB, trim threshold 1 GiB) and backing tensors of
   2 MiB or more with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``) cut that to ~40,000 faults.
 
-Together: 15.2 -> 10.3 s per step (1.48x) on that machine (9.8 s with the fused GELU of ``modeling``). :func:`tune_cpu_runtime` applies both;
-``DIALOGSUM_CPU_TUNING=off`` leaves the process as it was (e.g. to measure the difference).
+Together: 15.2 -> 10.3 s per step (1.48x) on that machine (9.8 s with the fused GELU of ``modeling``).
+:func:`tune_cpu_runtime` applies both; ``DIALOGSUM_CPU_TUNING=off`` leaves the process as it was (e.g. to
+measure the difference).
 
 Call it first, before any tensor work: one 1024 x 1024 matmul before the call (which starts the math
 library's worker threads) left the same step at 12.6 s instead of 9.8 s, while the same matmul right after
