@@ -13,6 +13,7 @@ import torch
 
 from dialogsum.config import LoraArguments
 from dialogsum.errors import UserError
+from dialogsum.fast_layers import use_fast_layers
 from dialogsum.hub import ensure_hub_reachable
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def load_model(name_or_path: str, fused_activations: bool = True) -> torch.nn.Mo
     """Load a pretrained seq2seq model (fp32 master weights; precision is the launcher's business).
 
     With ``fused_activations`` the tanh-approximated GELU of FLAN-T5 runs as one fused kernel (see
-    :func:`fuse_activations`; same function, saved checkpoints unchanged).
+    :mod:`dialogsum.fast_layers`; same function, saved checkpoints unchanged).
 
     transformers 5.x sets ``tie_word_embeddings=True`` on every T5 config (it also governs the encoder/decoder
     embedding ties, so it cannot simply be turned off). The normal loading path keeps a checkpoint's own
@@ -126,29 +127,8 @@ def load_model(name_or_path: str, fused_activations: bool = True) -> torch.nn.Mo
             "accelerate config"
         )
     if fused_activations:
-        fuse_activations(model)
+        use_fast_layers(model)
     return model
-
-
-def fuse_activations(model: torch.nn.Module) -> int:
-    """Swap transformers' Python tanh-GELU (``gelu_new``, FLAN-T5's ``dense_act_fn``) for PyTorch's fused one.
-
-    ``NewGELUActivation`` computes 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as eight separate tensor
-    operations, each a full pass over the [batch, tokens, d_ff] activations, and keeps their intermediates for
-    the backward pass; ``nn.GELU(approximate="tanh")`` is the same formula in one kernel (values agree to
-    ~5e-7). On a 2-core CPU a flan-t5-base training step got ~8% faster and 0.7 GB smaller. The module holds
-    no weights, so state dicts, checkpoints and the saved config (still ``gelu_new``) do not change.
-    Returns the number of activations replaced.
-    """
-    from transformers.activations import NewGELUActivation
-
-    replaced = 0
-    for module in model.modules():
-        for name, child in list(module.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
-                replaced += 1
-    return replaced
 
 
 def model_from_config(config_dir: str, seed: int = 0) -> torch.nn.Module:
@@ -163,7 +143,7 @@ def model_from_config(config_dir: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config)
     untie_lm_head(model)
-    fuse_activations(model)
+    use_fast_layers(model)
     return model
 
 
