@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from dialogsum.errors import ConfigError, UserError
+from dialogsum.precision import matmul_peak_gflops
 
 logger = logging.getLogger(__name__)
 
@@ -238,28 +239,6 @@ def training_flops(dims: T5Dims, lengths: list[tuple[int, int]], method: str) ->
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak_gflops(
-    dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...] = (1024, 2048), seconds_per_size: float = 0.25
-) -> float:
-    """Best dense square-matmul rate (GFLOP/s) over ``sizes``, each timed for about ``seconds_per_size``."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        torch.matmul(a, b)
-        _sync(device)
-        reps, elapsed = 0, 0.0
-        while elapsed < seconds_per_size or reps < 2:
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            _sync(device)
-            one = time.perf_counter() - start
-            elapsed += one
-            reps += 1
-            best = max(best, 2.0 * n**3 / one / 1e9)
-    return best
 
 
 # --------------------------------------------------------------------------------------------- data pool

@@ -22,7 +22,7 @@ from torch import nn
 def use_fast_layers(model: nn.Module) -> nn.Module:
     """Swap transformers' ``gelu_new`` modules for the fused tanh-GELU, in place.
 
-    Idempotent; returns ``model``. Counts of what was replaced: :func:`count_fast_layers`.
+    Idempotent; returns ``model``.
     """
     from transformers.activations import NewGELUActivation
 
@@ -31,8 +31,3 @@ def use_fast_layers(model: nn.Module) -> nn.Module:
             if type(child) is NewGELUActivation:
                 setattr(module, name, nn.GELU(approximate="tanh"))
     return model
-
-
-def count_fast_layers(model: nn.Module) -> dict[str, int]:
-    """How many fused GELUs ``model`` holds."""
-    return {"gelu": sum(isinstance(m, nn.GELU) and m.approximate == "tanh" for m in model.modules())}

@@ -143,7 +143,6 @@ def model_from_config(config_dir: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config)
     untie_lm_head(model)
-    use_fast_layers(model)
     return model
 
 
