@@ -13,7 +13,7 @@ batch 8, 256 prompt + 48 summary tokens, fp32):
   Keeping freed memory in the process (mmap threshold 32 MiB, trim threshold 1 GiB) and backing tensors of
   2 MiB or more with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``) cut that to ~40,000 faults.
 
-Together: 15.2 -> 10.3 s per step (1.48x) on that machine (9.8 s with the fused GELU of ``modeling``).
+Together: 15.2 -> 10.3 s per step (1.48x) on that machine (9.8 s with the fused GELU of :mod:`dialogsum.fast_layers`).
 :func:`tune_cpu_runtime` applies both; ``DIALOGSUM_CPU_TUNING=off`` leaves the process as it was (e.g. to
 measure the difference).
 
