@@ -1,10 +1,14 @@
-"""Reading local text and table files with one clear error per problem. No torch import: cheap for CLIs."""
+"""Reading and writing local files: one clear error per problem on read, atomic writes. No torch import."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +89,94 @@ def read_rows(path: str | Path) -> list[Row]:
                 raise UserError(f"{file}: expected a JSON list of objects (or JSON lines)")
             return data
     return parse_jsonl(text, str(file))
+
+
+# --------------------------------------------------------------------------------------------- writing
+# The one writer of the project: every result file (metrics, predictions, reports, cards, plots, comparison,
+# checkpoint metadata) goes through these, so a crash or a full disk never leaves a half-written file under its
+# final name.
+
+
+def _new_file_mode() -> int:
+    """Permissions a plain ``open`` would give a new file under the current umask (mkstemp alone gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temporary_copy(path: Path, data: bytes, sync: bool) -> str:
+    """Write ``data`` to a hidden temporary file beside ``path``; return its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            if sync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        os.chmod(tmp, _new_file_mode())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_bytes(path: str | Path, data: bytes, sync: bool = False) -> Path:
+    """Write ``data`` atomically: a temporary file beside ``path``, renamed into place (fsynced if ``sync``)."""
+    return write_files({Path(path).name: data}, Path(path).parent, sync=sync)[0]
+
+
+def write_files(files: Mapping[str, bytes], directory: str | Path, sync: bool = False) -> list[Path]:
+    """Write several files into ``directory``: all are written under temporary names first, then renamed.
+
+    A failure while writing (e.g. a full disk) leaves every earlier version of these files as it was.
+    """
+    folder = Path(directory)
+    temporary: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            temporary[name] = _temporary_copy(folder / name, data, sync)
+        for name, tmp in temporary.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in temporary.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [folder / name for name in files]
+
+
+def write_text(path: str | Path, text: str, sync: bool = False) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes(path, text.encode("utf-8"), sync=sync)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN/inf, which JSON cannot hold) replaced by ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(data: Any) -> str:
+    """Indented JSON (UTF-8 kept readable); NaN/inf become ``null`` so the file stays valid JSON."""
+    return json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n"
+
+
+def write_json(path: str | Path, data: Any, sync: bool = False) -> Path:
+    """Write ``data`` as indented JSON atomically."""
+    return write_text(path, json_text(data), sync=sync)
+
+
+def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    """One JSON object per line."""
+    return "".join(json.dumps(json_safe(row), ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write JSON lines atomically."""
+    return write_text(path, jsonl_text(rows))
+

@@ -5,10 +5,10 @@
     python scripts/gpu_check.py --cpu                # the same plan on CPU, to check it without a GPU
 
 Full and LoRA, bf16, single GPU, DeepSpeed ZeRO-2/ZeRO-3 on one GPU, gradient checkpointing off/on; prints
-tokens/s, MFU, peak GPU memory and step time. Details: dialogsum/gpu_check.py.
+tokens/s, MFU, peak GPU memory and step time. Details: dialogsum/devtools/gpu_check.py.
 """
 
-from dialogsum.gpu_check import main
+from dialogsum.devtools.gpu_check import main
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import REPO, run_script
 
-from dialogsum.benchmark import (
+from dialogsum.devtools.benchmark import (
     T5Dims,
     _representative_batches,
     forward_flops,
@@ -198,7 +198,7 @@ def test_missing_inputs_fail_fast_with_one_line(tmp_path: Path, tiny_model_dir: 
 
 
 def test_too_small_data_file_is_refused(tmp_path: Path, tiny_model_dir: Path, synthetic_data_dir: Path) -> None:
-    from dialogsum.benchmark import build_pool
+    from dialogsum.devtools.benchmark import build_pool
     from dialogsum.modeling import load_tokenizer
 
     rows = (synthetic_data_dir / "test.jsonl").read_text().splitlines()[:10]

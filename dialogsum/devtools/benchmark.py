@@ -665,7 +665,7 @@ PRELOAD = [
     "transformers.models.t5.modeling_t5",
     "accelerate",
     "peft",
-    "dialogsum.benchmark",
+    "dialogsum.devtools.benchmark",
     "dialogsum.distributed",
     "dialogsum.evaluation",
     "dialogsum.modeling",

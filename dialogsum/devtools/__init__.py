@@ -1,0 +1,1 @@
+"""Developer tools, apart from the training library: the speed benchmark and the GPU launch-path check."""
