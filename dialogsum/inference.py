@@ -313,7 +313,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     from dialogsum.distributed import build_accelerator, finish, topology
     from dialogsum.evaluation import evaluate_with_config
     from dialogsum.modeling import describe_parameters, parameter_report
-    from dialogsum.pipeline import check_output_dir
+    from dialogsum.run_folder import check_output_dir
     from dialogsum.tracking import peak_memory_mb
 
     split = cfg.train.eval_split

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from dialogsum.modeling import (
     whole_model_loading,
 )
 from dialogsum.quickstart import build_quickstart_assets
+from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker
 from dialogsum.tracking import finish_tracking, peak_memory_mb, resolve_trackers, start_tracking
 from dialogsum.training import build_optimizer, build_scheduler, check_mixed_precision, plan_steps, train_loop
 
@@ -60,19 +60,6 @@ QUICKSTART_DIR = "quickstart_assets"
 
 
 # --------------------------------------------------------------------------------------------- checks
-
-
-def check_output_dir(cfg: Config, resuming: bool) -> Path:
-    """Refuse to write into a non-empty output folder unless overwriting or resuming was asked for."""
-    out = Path(cfg.train.output_dir or "")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.train.overwrite_output_dir or resuming):
-        raise UserError(
-            f"--output_dir {out} is not empty; pass --overwrite_output_dir to write into it, or "
-            "--resume_from_checkpoint latest to continue its run"
-        )
-    return out
 
 
 def needed_splits(cfg: Config) -> list[str]:
@@ -335,33 +322,6 @@ def _write_reports(out: Path, metrics: dict[str, Any], cfg: Config) -> None:
 
     write_model_card(out, metrics, cfg.to_dict())
     write_run_report(out)
-
-
-RESULT_FILES = (
-    "metrics.json",
-    "predictions.jsonl",
-    "log_history.jsonl",
-    "config.yaml",
-    "parameters.json",
-    "report.md",
-    "plots",
-)
-
-
-def copy_results_for_sagemaker(out: Path) -> Path | None:
-    """On SageMaker, also put the result files (not the weights) in ``SM_OUTPUT_DATA_DIR`` (output.tar.gz)."""
-    target = os.environ.get("SM_OUTPUT_DATA_DIR")
-    if not target or Path(target).resolve() == out.resolve():
-        return None
-    dest = Path(target)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in RESULT_FILES:
-        src = out / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, dirs_exist_ok=True)
-        elif src.is_file():
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def _headline(metrics: dict[str, Any]) -> str:

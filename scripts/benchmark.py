@@ -7,8 +7,8 @@ Prints a table (s/step, real tokens/s, samples/s, padding, peak memory, speed-up
 and writes every figure to --output_json. See BENCHMARKS.md for the method and the figures of this project.
 """
 
-from dialogsum.devtools.benchmark import main
 from dialogsum.cli import run_cli
+from dialogsum.devtools.benchmark import main
 
 if __name__ == "__main__":
     run_cli(main)

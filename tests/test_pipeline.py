@@ -8,7 +8,8 @@ import pytest
 
 from dialogsum.config import parse_config
 from dialogsum.errors import UserError
-from dialogsum.pipeline import check_output_dir, copy_results_for_sagemaker, needed_splits
+from dialogsum.pipeline import needed_splits
+from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker
 
 
 def test_sagemaker_gets_results_but_not_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
