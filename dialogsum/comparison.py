@@ -6,53 +6,41 @@ system is the baseline (usually the zero-shot original model). ROUGE is recomput
 :mod:`dialogsum.metrics`, so point estimates and bootstrap intervals come from the same per-dialogue scores;
 the headline protocol is the multi-reference best match, and the flat per-row figure is reported too.
 
-Output, written atomically (everything is rendered in memory first, then each file is written to a temporary
-name and renamed): ``comparison.json``, ``comparison.md`` and the plots it shows (``rouge.png``,
-``resources.png``).
+Output, written all or nothing by :func:`dialogsum.files.write_files`: ``comparison.json``, ``comparison.md`` and
+the plots it shows (``rouge.png``, ``resources.png``, drawn by :mod:`dialogsum.plots` like the run report's).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import parse_jsonl, read_text
+from dialogsum.files import json_text, parse_jsonl, read_text, write_files
+from dialogsum.formatting import RESOURCE_FIGURES, markdown_table, one_line, plain, points, signed
 from dialogsum.metrics import (
     HEADLINE_PROTOCOL,
     PROTOCOLS,
     ROUGE_KEYS,
+    ROUGE_LABELS,
     paired_bootstrap,
     rouge_with_intervals,
     score_examples,
 )
+from dialogsum.plots import plot_resources, plot_rouge
 
 logger = logging.getLogger(__name__)
 
-ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # metrics.json disagreeing with the recomputed headline by more than this (0..1 scale) is worth a warning.
 _METRICS_TOLERANCE = 5e-4
-
-#: Resource figures read from metrics.json: (key, label, unit used in the table).
-RESOURCE_FIELDS = (
-    ("trainable_params", "Trainable params", ""),
-    ("trainable_percent", "Trainable %", "%"),
-    ("checkpoint_size_mb", "Checkpoint (MB)", "MB"),
-    ("peak_memory_mb", "Peak memory (MB)", "MB"),
-    ("train_runtime_s", "Training time", "s"),
-    ("train_tokens_per_s", "Tokens/s", ""),
-)
 
 
 @dataclass
@@ -206,8 +194,9 @@ def _pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _resources(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's resource figures (:data:`~dialogsum.formatting.RESOURCE_FIGURES`), None where not recorded."""
     out: dict[str, Any] = {}
-    for key, _, _ in RESOURCE_FIELDS:
+    for key, _, _ in RESOURCE_FIGURES:
         value = metrics.get(key)
         out[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     return out
@@ -304,56 +293,9 @@ def _sample_indices(ids: list[str], num_samples: int, seed: int) -> list[int]:
 # --------------------------------------------------------------------------------------------- rendering
 
 
-def _points(value: float) -> str:
-    return f"{100.0 * value:.2f}"
-
-
-def _signed(value: float, digits: int = 2) -> str:
-    return f"{value:+.{digits}f}"
-
-
 def _p_value(p: float, n_resamples: int) -> str:
+    """A bootstrap p-value; 0 resamples beyond the observed gap reads ``< 1/n``."""
     return f"< {1.0 / n_resamples:.3g}" if p == 0.0 else f"{p:.3f}"
-
-
-def _count(value: float) -> str:
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}K"
-    return f"{value:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
-
-
-def _resource_cell(key: str, value: float | None) -> str:
-    if value is None:
-        return "—"
-    if key == "trainable_params":
-        return _count(value)
-    if key == "trainable_percent":
-        return f"{value:.2f}%"
-    if key == "train_runtime_s":
-        return _duration(value)
-    if key in ("train_tokens_per_s", "peak_memory_mb"):
-        return f"{value:,.0f}"
-    return f"{value:,.1f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines.extend("| " + " | ".join(row) + " |" for row in rows)
-    return lines
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def has_resources(comparison: dict[str, Any]) -> bool:
@@ -378,11 +320,11 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
     rows = []
     for s in systems:
         cells = [
-            f"{_points(r['mean'])} [{_points(r['ci_low'])}, {_points(r['ci_high'])}]"
+            f"{points(r['mean'])} [{points(r['ci_low'])}, {points(r['ci_high'])}]"
             for r in (s["rouge"][k] for k in ROUGE_KEYS)
         ]
         rows.append([s["name"], *cells])
-    out += _table(headers, rows)
+    out.append(markdown_table(headers, rows))
     if "rouge" in plots:
         out += ["", f"![ROUGE per system]({plots['rouge']})"]
     if len(systems) > 1:
@@ -398,10 +340,10 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
             cells = []
             for key in ROUGE_KEYS:
                 imp = s["improvement_over_baseline"][key]
-                rel = "n/a" if imp["relative_percent"] is None else f"{_signed(imp['relative_percent'], 1)}%"
-                cells.append(f"{_signed(imp['points'])} ({rel})")
+                rel = "n/a" if imp["relative_percent"] is None else f"{signed(imp['relative_percent'], 1)}%"
+                cells.append(f"{signed(imp['points'])} ({rel})")
             rows.append([s["name"], *cells])
-        out += _table(headers, rows)
+        out.append(markdown_table(headers, rows))
         out += [
             "",
             "## Paired bootstrap",
@@ -416,11 +358,11 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
             for key in ROUGE_KEYS:
                 t = pair["tests"][key]
                 cells.append(
-                    f"{_signed(100 * t['mean_difference'])} [{_signed(100 * t['ci_low'])}, "
-                    f"{_signed(100 * t['ci_high'])}], p {_p_value(t['p_value_two_sided'], t['n_resamples'])}"
+                    f"{signed(100 * t['mean_difference'])} [{signed(100 * t['ci_low'])}, "
+                    f"{signed(100 * t['ci_high'])}], p {_p_value(t['p_value_two_sided'], t['n_resamples'])}"
                 )
             rows.append([f"{pair['system']} − {pair['versus']}", *cells])
-        out += _table(["Comparison", *headers[1:]], rows)
+        out.append(markdown_table(["Comparison", *headers[1:]], rows))
     out += [
         "",
         "## Other ROUGE protocols",
@@ -433,19 +375,16 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
     rows = []
     for s in systems:
         for protocol in PROTOCOLS:
-            rows.append([s["name"], protocol, *(_points(s["protocols"][protocol][k]) for k in ROUGE_KEYS)])
-    out += _table(["System", "Protocol", *headers[1:]], rows)
+            rows.append([s["name"], protocol, *(points(s["protocols"][protocol][k]) for k in ROUGE_KEYS)])
+    out.append(markdown_table(["System", "Protocol", *headers[1:]], rows))
     if has_resources(comparison):
         out += ["", "## Resources", ""]
         rows = [
-            [
-                s["name"],
-                str(s["method"] or "—"),
-                *(_resource_cell(key, s["resources"][key]) for key, _, _ in RESOURCE_FIELDS),
-            ]
+            [s["name"], plain(s["method"]), *(show(s["resources"][key]) for key, _, show in RESOURCE_FIGURES)]
             for s in systems
         ]
-        out += _table(["System", "Method", *(label for _, label, _ in RESOURCE_FIELDS)], rows)
+        labels = [label[0].upper() + label[1:] for _, label, _ in RESOURCE_FIGURES]
+        out.append(markdown_table(["System", "Method", *labels], rows))
         if "resources" in plots:
             out += ["", f"![Resources per system]({plots['resources']})"]
     out += ["", "## Runs", ""]
@@ -453,22 +392,22 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
         [
             s["name"],
             f"`{s['directory']}`",
-            str(s["model_name_or_path"] or "—"),
-            f"`{json.dumps(s['generation'], sort_keys=True)}`" if s["generation"] else "—",
+            plain(s["model_name_or_path"]),
+            f"`{json.dumps(s['generation'], sort_keys=True)}`" if s["generation"] else plain(None),
             str(s["num_references"]),
         ]
         for s in systems
     ]
-    out += _table(["System", "Folder", "Model", "Generation", "References"], rows)
+    out.append(markdown_table(["System", "Folder", "Model", "Generation", "References"], rows))
     if comparison["samples"]:
         out += ["", f"## Sample dialogues (seed {boot['seed']})", ""]
         for number, sample in enumerate(comparison["samples"], start=1):
             out += [f"### {number}. {sample['id']}", "", "```text", sample["dialogue"].strip(), "```", ""]
             for ref_number, reference in enumerate(sample["references"], start=1):
                 label = "Human summary" if len(sample["references"]) == 1 else f"Human summary {ref_number}"
-                out.append(f"- **{label}:** {_one_line(reference)}")
+                out.append(f"- **{label}:** {one_line(reference)}")
             for name, prediction in sample["predictions"].items():
-                out.append(f"- **{name}:** {_one_line(prediction) or '(empty)'}")
+                out.append(f"- **{name}:** {one_line(prediction) or '(empty)'}")
             out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -478,7 +417,7 @@ def render_terminal(comparison: dict[str, Any]) -> str:
     width = max(len(s["name"]) for s in comparison["systems"]) + 2
     lines = [f"{'system':<{width}}" + "".join(f"{ROUGE_LABELS[k]:>12}" for k in ROUGE_KEYS)]
     for s in comparison["systems"]:
-        lines.append(f"{s['name']:<{width}}" + "".join(f"{_points(s['rouge'][k]['mean']):>12}" for k in ROUGE_KEYS))
+        lines.append(f"{s['name']:<{width}}" + "".join(f"{points(s['rouge'][k]['mean']):>12}" for k in ROUGE_KEYS))
     for number, sample in enumerate(comparison["samples"], start=1):
         lines += [
             "",
@@ -487,102 +426,14 @@ def render_terminal(comparison: dict[str, Any]) -> str:
             "-" * 100,
             sample["dialogue"].strip(),
             "-" * 100,
-            f"{'HUMAN':<{width}}{_one_line(sample['references'][0])}",
+            f"{'HUMAN':<{width}}{one_line(sample['references'][0])}",
         ]
         for name, prediction in sample["predictions"].items():
-            lines.append(f"{name.upper():<{width}}{_one_line(prediction) or '(empty)'}")
+            lines.append(f"{name.upper():<{width}}{one_line(prediction) or '(empty)'}")
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------------------------- plots
-
-
-def _png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def plot_rouge(comparison: dict[str, Any]) -> bytes:
-    """Grouped bars: one group per ROUGE metric, one bar per system, 95% intervals as error bars (PNG)."""
-    from matplotlib.figure import Figure
-
-    systems = comparison["systems"]
-    figure = Figure(figsize=(max(6.0, 0.55 * len(ROUGE_KEYS) * len(systems) + 2), 4.2), layout="constrained")
-    axes = figure.subplots()
-    width = 0.8 / len(systems)
-    top = 0.0
-    for index, system in enumerate(systems):
-        means = [100 * system["rouge"][k]["mean"] for k in ROUGE_KEYS]
-        lower = [m - 100 * system["rouge"][k]["ci_low"] for m, k in zip(means, ROUGE_KEYS, strict=True)]
-        upper = [100 * system["rouge"][k]["ci_high"] - m for m, k in zip(means, ROUGE_KEYS, strict=True)]
-        top = max(top, *(m + u for m, u in zip(means, upper, strict=True)))
-        positions = [i + (index - (len(systems) - 1) / 2) * width for i in range(len(ROUGE_KEYS))]
-        bars = axes.bar(positions, means, width, yerr=[lower, upper], capsize=3, label=system["name"])
-        axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-    axes.set_xticks(range(len(ROUGE_KEYS)), [ROUGE_LABELS[k] for k in ROUGE_KEYS])
-    axes.set_ylim(0, max(1.0, top) * 1.12)
-    axes.set_ylabel("F1 x 100")
-    axes.set_title(f"ROUGE ({HEADLINE_PROTOCOL.replace('_', '-')}, 95% bootstrap intervals)")
-    figure.legend(loc="outside lower center", ncols=len(systems))
-    return _png(figure)
-
-
-def plot_resources(comparison: dict[str, Any]) -> bytes:
-    """One panel per known resource figure, one bar per system (log scale where values span decades)."""
-    from matplotlib.figure import Figure
-
-    # Systems without any resource figure (e.g. a zero-shot evaluation) have nothing to draw.
-    # Colours follow each system's position in the full list, as in the ROUGE plot.
-    colours = {s["name"]: f"C{i}" for i, s in enumerate(comparison["systems"])}
-    systems = [s for s in comparison["systems"] if any(v is not None for v in s["resources"].values())]
-    fields = [
-        f
-        for f in RESOURCE_FIELDS
-        if f[0] != "trainable_percent" and any(s["resources"][f[0]] is not None for s in systems)
-    ]
-    figure = Figure(figsize=(max(4.0, 3.0 * len(fields)), 3.4), layout="constrained")
-    axes_list = figure.subplots(1, len(fields), squeeze=False)[0]
-    for axes, (key, label, _) in zip(axes_list, fields, strict=True):
-        values = [s["resources"][key] for s in systems]
-        heights = [math.nan if v is None else v for v in values]
-        bars = axes.bar([s["name"] for s in systems], heights, color=[colours[s["name"]] for s in systems])
-        known = [v for v in values if v]
-        if known and max(known) / min(known) > 20:
-            axes.set_yscale("log")
-        axes.bar_label(bars, labels=[_resource_cell(key, v) for v in values], fontsize=7)
-        axes.set_title(label, fontsize=9)
-        axes.tick_params(axis="x", labelsize=8)
-    return _png(figure)
-
-
 # --------------------------------------------------------------------------------------------- writing
-
-
-def _file_mode() -> int:
-    """Permissions of a newly created file under the current umask (mkstemp alone gives 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _write_atomically(files: dict[str, bytes], output_dir: Path) -> None:
-    """Write every file to a temporary name first, then rename them all: no half-written report."""
-    temporary: dict[str, str] = {}
-    mode = _file_mode()
-    try:
-        for name, content in files.items():
-            handle, tmp_path = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".tmp")
-            temporary[name] = tmp_path
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(content)
-            os.chmod(tmp_path, mode)
-        for name, tmp_path in temporary.items():
-            os.replace(tmp_path, output_dir / name)
-    finally:
-        for tmp_path in temporary.values():
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
 
 
 def write_comparison(comparison: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
@@ -590,15 +441,21 @@ def write_comparison(comparison: dict[str, Any], output_dir: str | Path) -> dict
     directory = Path(output_dir)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--output_dir {directory} exists and is not a folder")
-    files: dict[str, bytes] = {"rouge.png": plot_rouge(comparison)}
-    plots = {"rouge": "rouge.png"}
-    if has_resources(comparison):
-        files["resources.png"] = plot_resources(comparison)
-        plots["resources"] = "resources.png"
-    files["comparison.json"] = (json.dumps(comparison, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    systems = comparison["systems"]
+    rouge = plot_rouge(
+        {s["name"]: {k: s["rouge"][k]["mean"] for k in ROUGE_KEYS} for s in systems},
+        intervals={
+            s["name"]: {k: (s["rouge"][k]["ci_low"], s["rouge"][k]["ci_high"]) for k in ROUGE_KEYS} for s in systems
+        },
+        title=f"ROUGE ({HEADLINE_PROTOCOL.replace('_', '-')}, 95% bootstrap intervals)",
+    )
+    resources = plot_resources({s["name"]: s["resources"] for s in systems})
+    files = {name: image for name, image in (("rouge.png", rouge), ("resources.png", resources)) if image}
+    plots = {name.removesuffix(".png"): name for name in files}
+    files["comparison.json"] = json_text(comparison).encode("utf-8")
     files["comparison.md"] = render_markdown(comparison, plots).encode("utf-8")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(files, directory)
+    write_files(files, directory)
     return {name: directory / name for name in files}
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from rouge_score import rouge_scorer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 PROTOCOLS = ("multi_reference", "mean_over_references", "flat")
 HEADLINE_PROTOCOL = "multi_reference"
 

@@ -318,7 +318,8 @@ def _run(cfg: Config, accelerator: Any, out: Path, resume: Path | None, splits_n
 
 
 def _write_reports(out: Path, metrics: dict[str, Any], cfg: Config) -> None:
-    from dialogsum.reporting import write_model_card, write_run_report
+    from dialogsum.model_card import write_model_card
+    from dialogsum.report import write_run_report
 
     write_model_card(out, metrics, cfg.to_dict())
     write_run_report(out)

@@ -150,8 +150,9 @@ def test_exact_scores_and_improvements(three_runs: list[str], tmp_path: Path) ->
     assert "| lora | +16.67 (+66.7%) | +10.00 (+40.0%) | +16.67 (+66.7%) | +16.67 (+66.7%) |" in report
     assert "| original | 25.00 [" in report
     assert "![ROUGE per system](rouge.png)" in report and "![Resources per system](resources.png)" in report
-    assert "| full | full | 247.58M | 100.00% | 990.2 | 15,600 | 1h 30m | 1,130 |" in report
-    assert "| original | — | — | — | — | — | — | — |" in report
+    assert "| System | Method | Trainable parameters | Trainable % | Checkpoint size | Peak memory |" in report
+    assert "| full | full | 247,577,856 | 100.00% | 990.2 MB | 15.60 GB | 1 h 30 min | 1,130 |" in report
+    assert "| original | – | – | – | – | – | – | – |" in report
     written = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert written == json.loads(json.dumps(comparison))
     for image in ("rouge.png", "resources.png"):

@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from dialogsum.config import build_config
-from dialogsum.reporting import write_model_card, write_run_report
+from dialogsum.model_card import write_model_card
+from dialogsum.report import write_run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -138,7 +139,9 @@ def test_run_report_has_every_section_and_valid_plots(tmp_path: Path) -> None:
     # eval during training table: step, loss, ROUGE points (only the columns that were logged)
     assert "| step | validation loss | ROUGE-1 | ROUGE-L |" in text and "| 50 | 1.7500 | 42.50 | 33.00 |" in text
     # resources and hyperparameters
-    assert "3,538,944 (1.41% of 251,116,800)" in text and "13.5 MiB" in text and "9.57 GiB" in text
+    # sizes in MB = 10^6 bytes, the unit of every *_mb key
+    assert "3,538,944 (1.41% of 251,116,800)" in text and "| checkpoint size | 13.5 MB |" in text
+    assert "| peak memory | 9.80 GB |" in text
     assert "1 h 30 min" in text and "612 real tokens/s" in text and "2 (MULTI_CPU, precision bf16)" in text
     assert "8 per device × 1 accumulation × 2 process(es) = 16 per optimizer step" in text
     assert "r=32, alpha=32, dropout=0.05, targets=q, v" in text
