@@ -1,25 +1,22 @@
 """CPU runtime settings that make training and generation on a CPU faster without changing what is computed.
 
-Two costs dominate a flan-t5-base step on a CPU besides the matmuls themselves (profiled on a 2-core Xeon,
-batch 8, 256 prompt + 48 summary tokens, fp32):
+Two costs of a step on a CPU besides the matmuls themselves:
 
 * **Denormal floats.** Softmax tails produce probabilities below 1.2e-38, which x86 cores compute through a
-  slow microcode path: the logits gradient of a randomly initialised model was 77% denormal, and the two
-  lm_head backward matmuls that read it ran at 10 GFLOP/s instead of ~300 (3.7 s of a 15 s step; 13 s against
-  0.1 s for one such product in isolation). Flushing denormals to zero (``torch.set_flush_denormal``, the
-  FTZ/DAZ bits) changes only values smaller than 1.2e-38, i.e. nothing a loss or an update can see.
+  slow microcode path, and every matmul that reads such a tensor (lm_head's backward reads the logits gradient)
+  slows down with them. Flushing denormals to zero (``torch.set_flush_denormal``, the FTZ/DAZ bits) changes only
+  values smaller than 1.2e-38, i.e. nothing a loss or an update can see.
 * **Page faults.** glibc returns every freed block above its mmap threshold to the kernel, so each step maps,
-  faults in and zeroes its activations again (~470,000 minor faults and ~5 s of system time per step).
-  Keeping freed memory in the process (mmap threshold 32 MiB, trim threshold 1 GiB) and backing tensors of
-  2 MiB or more with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``) cut that to ~40,000 faults.
+  faults in and zeroes its activations again. Keeping freed memory in the process (mmap threshold 32 MiB, trim
+  threshold 1 GiB) and backing tensors of 2 MiB or more with transparent huge pages (PyTorch's
+  ``THP_MEM_ALLOC_ENABLE``) lets a step reuse the memory of the one before.
 
-Together: 15.2 -> 10.3 s per step (1.48x) on that machine (9.8 s with the fused GELU of :mod:`dialogsum.fast_layers`).
-:func:`tune_cpu_runtime` applies both; ``DIALOGSUM_CPU_TUNING=off`` leaves the process as it was (e.g. to
-measure the difference).
+:func:`tune_cpu_runtime` applies both (what each gave on a flan-t5-base step is in BENCHMARKS.md);
+``DIALOGSUM_CPU_TUNING=off`` leaves the process as it was (e.g. to measure the difference).
 
-Call it first, before any tensor work: one 1024 x 1024 matmul before the call (which starts the math
-library's worker threads) left the same step at 12.6 s instead of 9.8 s, while the same matmul right after
-it changed nothing. :func:`dialogsum.distributed.build_accelerator` calls it first thing on a CPU.
+Call it first, before any tensor work: the settings must be in place before the math library starts its worker
+threads (at the first matmul) to give their whole gain. :func:`dialogsum.distributed.build_accelerator` calls it
+first thing on a CPU.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""Mixed precision on the CPU: bf16 autocast only where the CPU computes bf16 natively.
+"""Mixed precision on the CPU: bf16 autocast only where the CPU computes bf16 matmuls fast.
 
-bf16 autocast can make a flan-t5-base training step ~1.6x faster than fp32 where bf16 matmuls are fast. On
-CPUs without native bf16 (AVX-512 without the BF16 extension, e.g. the m5 instance class,
-or AVX2 only) oneDNN emulates bf16 and it is *slower* than fp32, so a launcher config that asks for bf16 is
-downgraded to fp32 there (with a log line). A native flag is not enough either: on this project's 2-core
-KVM Xeon (``avx512_bf16``, no AMX exposed) a bf16 matmul runs at half the fp32 rate, so a ~0.1 s timing probe
-decides. fp16 never pays off on the CPU: T5 overflows in fp16 and CPU fp16
-matmuls run ~100x slower than fp32.
+bf16 autocast speeds a training step up only where bf16 matmuls beat fp32. On CPUs without native bf16
+(AVX-512 without the BF16 extension, e.g. the m5 instance class, or AVX2 only) oneDNN emulates bf16, which is
+slower than fp32, so a launcher config that asks for bf16 is downgraded to fp32 there (with a log line). A native
+flag is not enough either: a CPU can report ``avx512_bf16`` and still run bf16 kernels slower than fp32 (figures
+in BENCHMARKS.md), so a short timing probe decides. fp16 is refused on the CPU: T5 overflows in fp16 and CPU
+fp16 matmuls are far slower than fp32.
 
 ``DIALOGSUM_CPU_BF16`` overrides the detection: ``auto`` (default), ``force`` (use bf16 even where it is
 emulated, e.g. to measure it) or ``off`` (always fp32 on the CPU).
@@ -95,11 +94,7 @@ def matmul_peak_gflops(
 
 @functools.lru_cache(maxsize=1)
 def bf16_matmul_speedup() -> float:
-    """How much faster a 1024 x 1024 bf16 matmul is than an fp32 one on this CPU (best rates; ~0.1 s).
-
-    The CPU flag alone is not enough: on a 2-core KVM Xeon with ``avx512_bf16`` (no AMX exposed) oneDNN's
-    native bf16 kernel measured ~165 GFLOP/s against ~320 for MKL's fp32.
-    """
+    """How much faster a 1024 x 1024 bf16 matmul is than an fp32 one on this CPU (best rates; ~0.1 s)."""
     import torch
 
     def rate(dtype: Any) -> float:
@@ -167,12 +162,3 @@ def cpu_mixed_precision_override() -> str | None:
     chosen, reason = resolve_cpu_precision(requested)
     logger.info("CPU precision: %s", reason)
     return None if chosen == requested else chosen
-
-
-def default_precision(device_type: str) -> str:
-    """What our default launch gives: bf16 on GPUs that support it and on CPUs with native bf16, else fp32."""
-    if device_type == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return resolve_cpu_precision("bf16")[0]

@@ -1,13 +1,9 @@
-"""Experiment tracking: which trackers to use, what a run logs, and throughput/memory meters.
+"""Experiment tracking: which trackers a run uses, what it logs at the start and at the end, peak memory.
 
-The training pipeline uses this module in four places::
-
-    log_with = resolve_trackers(cfg.track.report_to)  # before the Accelerator exists
-    accelerator = Accelerator(log_with=log_with, project_config=tensorboard_project_config(output_dir))
-    start_tracking(accelerator, cfg, extra={"num_train_examples": n})  # one W&B run per job
-    accelerator.log({"train/loss": ..., **meter.rates(accelerator)}, step=step)  # the loop logs itself
-    finish_tracking(accelerator, metrics, predictions, param_report, output_dir, log_model, step=step)
-    accelerator.end_training()  # the pipeline closes the trackers
+A training run calls :func:`resolve_trackers` before the Accelerator exists (its result is
+``Accelerator(log_with=...)``), :func:`start_tracking` once the Accelerator is built (one W&B run per job, the
+run config logged), and :func:`finish_tracking` after its files are written (final scalars, summary,
+predictions table, model artifact); the training loop logs its own events with ``accelerator.log``.
 
 W&B without an account: ``WANDB_MODE=offline`` writes the run under ``<dir>/wandb/offline-run-*`` (upload it
 later with ``wandb sync``), ``WANDB_MODE=disabled`` turns W&B off. With neither a mode nor credentials, W&B
@@ -21,7 +17,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import math
 import netrc
 import os
 import random
@@ -40,6 +35,9 @@ import torch
 
 from dialogsum.config import REPORT_TO_CHOICES, Config
 from dialogsum.errors import ConfigError, UserError
+from dialogsum.formatting import is_number, markdown_table
+from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, score_examples
+from dialogsum.modeling import checkpoint_size_mb
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +51,6 @@ TENSORBOARD_TEXT_ROWS = 5
 _WANDB_DEFAULT_HOSTS = ("api.wandb.ai",)
 #: Files of the output folder that are not part of a model/adapter artifact.
 _NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl"}
-_ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-_PROTOCOLS = ("multi_reference", "mean_over_references", "flat")
 _FINAL_KEYS = (
     "train_loss",
     "train_runtime_s",
@@ -216,17 +212,6 @@ def resolve_trackers(report_to: str) -> list[str]:
     return trackers
 
 
-def tensorboard_project_config(output_dir: str | Path) -> Any:
-    """An accelerate ``ProjectConfiguration`` that puts TensorBoard events under ``<output_dir>/tensorboard``.
-
-    Pass it as ``Accelerator(project_config=...)``; the events of a run land in
-    ``<output_dir>/tensorboard/<wandb_project>/``.
-    """
-    from accelerate.utils import ProjectConfiguration
-
-    return ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tensorboard"))
-
-
 # ------------------------------------------------------------------------------------------ run config
 
 
@@ -369,15 +354,6 @@ def start_tracking(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | Non
 # ------------------------------------------------------------------------------------------- end of run
 
 
-def checkpoint_size_mb(output_dir: str | Path) -> float:
-    """Size on disk (MiB) of the saved weights: ``*.safetensors`` / ``*.bin`` at the top of ``output_dir``."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return 0.0
-    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    return total / 2**20
-
-
 def sample_predictions(predictions: Sequence[Mapping[str, Any]], rows: int, seed: int = 0) -> list[dict[str, Any]]:
     """A seeded sample of ``rows`` predictions (in their original order) with a per-row ``rougeL`` (0..1).
 
@@ -390,8 +366,6 @@ def sample_predictions(predictions: Sequence[Mapping[str, Any]], rows: int, seed
     sample = [dict(predictions[i]) for i in indices]
     missing = [row for row in sample if row.get("rougeL") is None]
     if missing:
-        from dialogsum.metrics import score_examples
-
         references = [list(row.get("references") or [row.get("reference", "")]) for row in missing]
         references = [[r for r in refs if r] or [""] for refs in references]
         scores = score_examples([str(row.get("prediction", "")) for row in missing], references)
@@ -400,24 +374,11 @@ def sample_predictions(predictions: Sequence[Mapping[str, Any]], rows: int, seed
     return sample
 
 
-def _markdown_cell(text: Any, limit: int = 300) -> str:
-    flat = re.sub(r"\s+", " ", str(text)).replace("|", "\\|").strip()
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def _predictions_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| id | dialogue | reference | prediction | ROUGE-L |", "|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(
-            f"| {_markdown_cell(row.get('id', ''))} | {_markdown_cell(row.get('dialogue', ''))} "
-            f"| {_markdown_cell(row.get('reference', ''))} | {_markdown_cell(row.get('prediction', ''))} "
-            f"| {100 * float(row['rougeL']):.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Predictions as a Markdown table for TensorBoard's text tab."""
+    header = ["id", "dialogue", "reference", "prediction", "ROUGE-L"]
+    table = [[*(row.get(key, "") for key in header[:4]), f"{100 * float(row['rougeL']):.1f}"] for row in rows]
+    return markdown_table(header, table, limit=300)
 
 
 def final_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -429,9 +390,9 @@ def final_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """
     final: dict[str, float] = {}
     for key, value in metrics.items():
-        if isinstance(value, Mapping) and key in _PROTOCOLS:
-            final.update({f"final/{key}/{k}": v for k, v in value.items() if k in _ROUGE_KEYS and _is_number(v)})
-        elif _is_number(value) and (key in _FINAL_KEYS or key in _ROUGE_KEYS):
+        if isinstance(value, Mapping) and key in PROTOCOLS:
+            final.update({f"final/{key}/{k}": v for k, v in value.items() if k in ROUGE_KEYS and is_number(v)})
+        elif is_number(value) and (key in _FINAL_KEYS or key in ROUGE_KEYS):
             final[f"final/{key}"] = value
     return final
 
@@ -470,7 +431,8 @@ def finish_tracking(
         accelerator.log(final, step=step)
     summary: dict[str, Any] = {key: value for key, value in metrics.items() if value is not None}
     summary.update({key: value for key, value in param_report.items() if value is not None})
-    summary.setdefault("checkpoint_size_mb", checkpoint_size_mb(output_dir))
+    if Path(output_dir).is_dir():
+        summary.setdefault("checkpoint_size_mb", checkpoint_size_mb(output_dir))
     sample = sample_predictions(predictions, PREDICTION_TABLE_ROWS) if predictions else []
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
@@ -501,7 +463,7 @@ def _finish_wandb(
             name=_artifact_name(f"{run.name or run.id}-{method}"),
             type="model",
             description=f"dialogsum {method} fine-tune of {metrics.get('model_name_or_path', '?')}",
-            metadata={k: v for k, v in summary.items() if _is_number(v) or isinstance(v, str)},
+            metadata={k: v for k, v in summary.items() if is_number(v) or isinstance(v, str)},
         )
         for path in sorted(Path(output_dir).iterdir()):
             if path.is_file() and path.name not in _NOT_IN_ARTIFACT:
@@ -509,92 +471,17 @@ def _finish_wandb(
         run.log_artifact(artifact, aliases=["latest", method])
 
 
-# --------------------------------------------------------------------------------------------- meters
+# --------------------------------------------------------------------------------------------- memory
 
 
 def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak memory of this process so far, in MiB.
+    """Peak memory of this process so far, in MB (10^6 bytes).
 
     On CUDA: the largest memory ever allocated by tensors on ``device`` (``torch.cuda.max_memory_allocated``).
     Elsewhere: the process's peak resident set size (``getrusage``; KiB on Linux, bytes on macOS).
     """
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / 1e6
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def count_real_tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Non-padding tokens of a seq2seq batch: the attention mask's ones plus labels that are not -100.
-
-    Returns a 0-d tensor on the batch's device (no host sync).
-    """
-    total = batch["attention_mask"].sum() if "attention_mask" in batch else torch.tensor(batch["input_ids"].numel())
-    if "labels" in batch:
-        total = total + (batch["labels"] != -100).sum()
-    return total
-
-
-class ThroughputMeter:
-    """Real tokens/s and samples/s over a logging window, with no host-device sync per step.
-
-    ``update`` adds the counts as tensors on the device; only ``rates`` reads them back, once per window::
-
-        meter = ThroughputMeter()
-        for batch in loader:
-            meter.update(count_real_tokens(batch), batch["input_ids"].shape[0])
-            ...
-            if step % logging_steps == 0:
-                accelerator.log({"loss": ..., **meter.rates(accelerator)}, step=step)
-
-    Counts are per process; ``rates(accelerator)`` sums them over processes (a collective: call it on every
-    process at the same step) so the figures are for the whole job.
-    """
-
-    def __init__(self) -> None:
-        self.total_tokens = 0
-        self.total_samples = 0
-        self.total_seconds = 0.0
-        self._reset_window()
-
-    def _reset_window(self) -> None:
-        self._tokens: torch.Tensor | int = 0
-        self._samples = 0
-        self._start = time.perf_counter()
-
-    def update(self, tokens: torch.Tensor | int, samples: int) -> None:
-        """Count one micro-batch: ``tokens`` real tokens (a tensor stays on its device), ``samples`` rows."""
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach()
-        self._tokens = self._tokens + tokens
-        self._samples += int(samples)
-
-    def rates(self, accelerator: Any | None = None) -> dict[str, float]:
-        """``{"tokens_per_s", "samples_per_s"}`` since the last call, job-wide with ``accelerator``.
-
-        Starts a new window.
-        """
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        distributed = accelerator is not None and accelerator.num_processes > 1
-        device = accelerator.device if distributed else torch.device("cpu")
-        counts = torch.stack(
-            [
-                torch.as_tensor(self._tokens, dtype=torch.float64, device=device),
-                torch.tensor(float(self._samples), dtype=torch.float64, device=device),
-            ]
-        )
-        if distributed:
-            counts = accelerator.reduce(counts, reduction="sum")
-        counts = counts.cpu()
-        tokens, samples = int(counts[0].item()), int(counts[1].item())
-        self.total_tokens += tokens
-        self.total_samples += samples
-        self.total_seconds += elapsed
-        self._reset_window()
-        return {"tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed}
-
-    def overall(self) -> dict[str, float]:
-        """Job-wide ``{"tokens_per_s", "samples_per_s"}`` over every window closed by :meth:`rates`."""
-        seconds = max(self.total_seconds, 1e-9)
-        return {"tokens_per_s": self.total_tokens / seconds, "samples_per_s": self.total_samples / seconds}
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6

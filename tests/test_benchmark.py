@@ -14,13 +14,8 @@ import pytest
 import torch
 from helpers import REPO, run_script
 
-from dialogsum.devtools.benchmark import (
-    T5Dims,
-    _representative_batches,
-    forward_flops,
-    parse_args,
-    training_flops,
-)
+from dialogsum.devtools.benchmark import _representative_batches, parse_args
+from dialogsum.devtools.flops import T5Dims, forward_flops, training_flops, training_flops_per_token
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.precision import cpu_bf16_feature, resolve_cpu_precision
 
@@ -155,6 +150,10 @@ def test_forward_flops_match_the_real_flan_t5_base_layers(flan_t5_base_dir: Path
     assert _linear_weights(model) == 247_577_856 - 32128 * 768 - 62 * 768 - 2 * 32 * 12
     assert training_flops(dims, [(230, 39)], "full") == 3 * forward_flops(dims, 230, 39)
     assert training_flops(dims, [(230, 39)], "lora") == 2 * forward_flops(dims, 230, 39)
+    # the GPU check's per-token figure: the same FLOPs spread over the real tokens
+    lengths = [(230, 39), (100, 20)]
+    per_token = training_flops_per_token(dims, lengths, "full")
+    assert per_token * (230 + 39 + 100 + 20) == pytest.approx(training_flops(dims, lengths, "full"))
 
 
 def test_forward_flops_match_the_tiny_model(tiny_model_dir: Path) -> None:

@@ -26,7 +26,7 @@ def test_cpu_run_writes_table_and_json(tmp_path: Path, quickstart_assets: tuple[
     assert report["device"] == "cpu"
     (row,) = report["runs"]
     assert row["run"] == "lora" and row["status"] == "ok" and row["config"] == "cpu.yaml"
-    assert row["tokens_per_s"] > 0 and row["step_time_s"] > 0 and row["peak_memory_gib"] > 0
+    assert row["tokens_per_s"] > 0 and row["step_time_s"] > 0 and row["peak_memory_gb"] > 0
     assert row["predictions"] == 3
     assert row["mfu"] is None  # no peak given for a CPU
     table = (work / "gpu_check.md").read_text()

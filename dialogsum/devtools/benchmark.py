@@ -17,7 +17,7 @@ How a run is organised (``run_benchmark``):
   ``DataLoader(shuffle=True)`` with ``DataCollatorForSeq2Seq`` (dynamic padding), fp32, plain
   ``torch.optim.AdamW`` (PyTorch's default implementation), linear schedule, no clipping, same model, pool,
   batch size and steps, and all CPU cores (not the 1 thread ``accelerate launch`` gives it by default).
-* Model FLOPs utilisation: useful training FLOPs of the measured steps (see :func:`training_flops`, real
+* Model FLOPs utilisation: useful training FLOPs of the measured steps (:mod:`dialogsum.devtools.flops`, real
   tokens only) per second over the best dense-matmul rate measured in the same process, right before and
   after the timed steps, at the case's precision.
 * Evaluation: summaries/s of :func:`dialogsum.evaluation.generate_summaries` (batched, length-sorted) against
@@ -40,22 +40,16 @@ from typing import Any
 
 import torch
 
+from dialogsum.devtools.flops import FLOP_FORMULA, T5Dims, mfu, training_flops
 from dialogsum.errors import ConfigError, UserError
+from dialogsum.files import write_json
+from dialogsum.formatting import markdown_table
 from dialogsum.precision import matmul_peak_gflops
 
 logger = logging.getLogger(__name__)
 
-#: Targets of the speed issue, as ratios measured in one run.
+#: The project's speed goals for its default path, as ratios within one run; the table says which are met.
 TARGETS = {"train_speedup_vs_reference": 2.5, "eval_speedup": 5.0, "mfu": 0.6}
-
-FLOP_FORMULA = (
-    "model FLOPs of the measured steps, real tokens only (padding excluded), T5 encoder/decoder-aware: per "
-    "example with S prompt and T summary tokens, forward = 2 x [L_enc x (S x (4 d h_inner + n_ff d d_ff) + "
-    "2 S^2 h_inner) + L_dec x (T x (6 d h_inner + n_ff d d_ff) + 2 S d h_inner + 2 T^2 h_inner + 2 T S h_inner) "
-    "+ T d V] (n_ff = 3 for gated FFN); training = 3 x forward for full fine-tuning, 2 x forward for LoRA "
-    "(frozen weights get no weight gradients; adapter FLOPs ignored); recomputation under gradient "
-    "checkpointing is not counted. MFU = training FLOPs / measured seconds / matmul peak at the same precision."
-)
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16"}
 
@@ -183,57 +177,7 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkArgs:
     return args
 
 
-# --------------------------------------------------------------------------------------------- FLOPs
-
-
-@dataclass(frozen=True)
-class T5Dims:
-    """The sizes of a T5-style encoder-decoder that decide its matmul FLOPs."""
-
-    d_model: int
-    inner: int
-    d_ff: int
-    ffn_matrices: int
-    encoder_layers: int
-    decoder_layers: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> T5Dims:
-        """Read the sizes from a transformers T5 config (or a dict of it)."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        gated = str(get("feed_forward_proj", "relu")).startswith("gated") or bool(get("is_gated_act", False))
-        layers = int(get("num_layers"))
-        return cls(
-            d_model=int(get("d_model")),
-            inner=int(get("num_heads")) * int(get("d_kv")),
-            d_ff=int(get("d_ff")),
-            ffn_matrices=3 if gated else 2,
-            encoder_layers=layers,
-            decoder_layers=int(get("num_decoder_layers") or layers),
-            vocab=int(get("vocab_size")),
-        )
-
-
-def forward_flops(dims: T5Dims, source_len: int, target_len: int) -> float:
-    """Matmul FLOPs of one forward pass over one example (S prompt tokens, T summary tokens)."""
-    d, h, s, t = dims.d_model, dims.inner, source_len, target_len
-    ffn = dims.ffn_matrices * d * dims.d_ff
-    encoder = dims.encoder_layers * (s * (4 * d * h + ffn) + 2 * s * s * h)
-    decoder = dims.decoder_layers * (
-        t * (4 * d * h + 2 * d * h + ffn)  # self-attention q,k,v,o; cross-attention q,o; FFN
-        + s * 2 * d * h  # cross-attention k,v over the encoder output
-        + 2 * t * t * h  # self-attention scores and values
-        + 2 * t * s * h  # cross-attention scores and values
-    )
-    head = t * d * dims.vocab
-    return 2.0 * (encoder + decoder + head)  # 2 FLOPs per multiply-add
-
-
-def training_flops(dims: T5Dims, lengths: list[tuple[int, int]], method: str) -> float:
-    """Useful training FLOPs for examples of (prompt, summary) lengths: 3x forward (full) or 2x (LoRA)."""
-    factor = 3.0 if method == "full" else 2.0
-    return factor * sum(forward_flops(dims, s, t) for s, t in lengths)
+# --------------------------------------------------------------------------------------------- timing
 
 
 def _sync(device: torch.device) -> None:
@@ -608,7 +552,7 @@ def run_worker(spec_path: str, result_path: str) -> None:
     with tempfile.TemporaryDirectory(prefix="dialogsum-bench-") as work:
         out = _run_reference(spec, case) if case.loop == "reference" else _run_ours(spec, case, Path(work))
     out["threads"] = torch.get_num_threads()
-    Path(result_path).write_text(json.dumps(out))
+    write_json(result_path, out)
 
 
 # --------------------------------------------------------------------------------------------- orchestration
@@ -629,7 +573,7 @@ def _check_inputs(args: BenchmarkArgs) -> Path:
 
 def _default_launch_config() -> Path:
     name = "single_gpu.yaml" if torch.cuda.is_available() else "cpu.yaml"
-    return Path(__file__).resolve().parents[1] / "accelerate_configs" / name
+    return Path(__file__).resolve().parents[2] / "accelerate_configs" / name
 
 
 def choose_default_precision(args: BenchmarkArgs) -> dict[str, Any]:
@@ -714,7 +658,7 @@ def _case_context() -> Any:
 def _run_case(case: Case, spec: dict[str, Any], work: Path, timeout: int, ctx: Any) -> dict[str, Any]:
     spec_path, result_path = work / f"{case.name}.spec.json", work / f"{case.name}.json"
     log_path = work / f"{case.name}.log"
-    spec_path.write_text(json.dumps({**spec, "case": asdict(case)}))
+    write_json(spec_path, {**spec, "case": asdict(case)})
     load_before = os.getloadavg()[0]
     proc = ctx.Process(target=_worker_entry, args=(str(spec_path), str(result_path), str(log_path), _worker_env(case)))
     proc.start()
@@ -735,7 +679,7 @@ def _row(case: Case, raw: dict[str, Any], dims: T5Dims) -> dict[str, Any]:
     steps = raw["steps"]
     seconds = raw["seconds"]
     flops = training_flops(dims, [tuple(x) for x in raw["lengths"]], case.method)
-    achieved = flops / seconds / 1e9
+    achieved = flops / seconds / 1e9  # GFLOP/s
     return {
         "name": case.name,
         "loop": case.loop,
@@ -754,7 +698,7 @@ def _row(case: Case, raw: dict[str, Any], dims: T5Dims) -> dict[str, Any]:
         "training_gflop": round(flops / 1e9, 2),
         "achieved_gflops": round(achieved, 2),
         "matmul_peak_gflops": round(raw["matmul_peak_gflops"], 2),
-        "mfu": round(achieved / raw["matmul_peak_gflops"], 4),
+        "mfu": round(mfu(achieved, raw["matmul_peak_gflops"]), 4),
         "trainable_params": raw["trainable_params"],
         "total_params": raw["total_params"],
         "losses": [round(x, 5) for x in raw["losses"]],
@@ -923,11 +867,8 @@ TABLE_COLUMNS = (
 
 def format_table(results: dict[str, Any]) -> str:
     """The rows as a Markdown table plus the headline figures and comparisons."""
-    header = "| " + " | ".join(c[0] for c in TABLE_COLUMNS) + " |"
-    lines = [header, "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    for row in results["rows"]:
-        cells = [fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [[fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS] for row in results["rows"]]
+    lines = [markdown_table([c[0] for c in TABLE_COLUMNS], cells)]
     ev = results["eval"]
     lines.append("")
     lines.append(
@@ -966,5 +907,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_benchmark(args)
     sys.stdout.write(format_table(results) + "\n")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.output_json, results)
     return results

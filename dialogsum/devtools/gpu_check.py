@@ -1,6 +1,6 @@
 """GPU check: the real flan-t5-base architecture (random weights) through every single-GPU launch path.
 
-One command, no network, no pretrained weights, under 8 minutes on one H100:
+One command, no network, no pretrained weights:
 
     python scripts/gpu_check.py                      # ../shared/models/flan-t5-base + ../shared/data/dialogsum
     python scripts/gpu_check.py --model_dir DIR --data_file FILE.jsonl --steps 30
@@ -13,9 +13,9 @@ memory (torch.cuda.max_memory_allocated; process RSS with --cpu) and step time, 
 ``<work_dir>/gpu_check.{md,json}``. The numbers say whether each path works and how fast; ROUGE of a random
 model is meaningless and not shown.
 
-MFU counts model FLOPs only (6 x parameters per token for full fine-tuning, 4 x for LoRA whose frozen weights
-need no weight gradients; encoder parameters for prompt tokens, decoder + lm_head for summary tokens;
-attention-score FLOPs and gradient-checkpointing recomputation are not counted).
+MFU uses the benchmark's FLOP formula (:mod:`dialogsum.devtools.flops`): the mean training FLOPs per real token
+of the data file times the run's real tokens/s, over the GPU's dense bf16 peak (``--peak_tflops``, else known by
+the GPU's name).
 ``--cpu`` runs the same plan on CPU (cpu.yaml, DeepSpeed on gloo) to check the script without a GPU.
 """
 
@@ -31,7 +31,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from dialogsum.devtools.flops import T5Dims, mfu, training_flops_per_token
+from dialogsum.files import write_json, write_text
+from dialogsum.formatting import markdown_table
+
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 
 #: Dense bf16 peak TFLOP/s by GPU name (tensor cores, no sparsity).
@@ -92,34 +96,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare_model(model_dir: Path, out: Path) -> dict[str, int]:
-    """Random-init model of ``model_dir``'s architecture, saved with its tokenizer; returns parameter counts."""
+def prepare_model(model_dir: Path, out: Path) -> int:
+    """Random-init model of ``model_dir``'s architecture, saved with its tokenizer; returns its parameter count."""
     from transformers import AutoTokenizer
 
     from dialogsum.modeling import model_from_config
 
     model = model_from_config(str(model_dir), seed=0)
-    counts = {
-        "encoder": sum(p.numel() for n, p in model.encoder.named_parameters() if "embed_tokens" not in n),
-        "decoder": sum(p.numel() for n, p in model.decoder.named_parameters() if "embed_tokens" not in n),
-        "lm_head": model.get_output_embeddings().weight.numel(),
-        "total": sum(p.numel() for p in model.parameters()),
-    }
     if not (out / "config.json").is_file():
         model.save_pretrained(str(out), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
-    return counts
+    return sum(p.numel() for p in model.parameters())
 
 
-def token_split(model_dir: Path, data_file: Path, args: argparse.Namespace) -> float:
-    """Fraction of real training tokens that are prompt (encoder) tokens, measured on ``data_file``."""
+def flops_per_token(model_dir: Path, data_file: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Training FLOPs per real token of ``data_file`` (as the runs tokenize it), for full and for LoRA."""
+    from transformers import AutoConfig
+
     from dialogsum.config import DataArguments
     from dialogsum.data import read_rows, tokenize_rows
     from dialogsum.modeling import load_tokenizer
 
     data = DataArguments(max_source_length=args.max_source_length, max_target_length=args.max_target_length)
-    _, stats = tokenize_rows(read_rows(data_file), load_tokenizer(str(model_dir)), data)
-    return stats.source_tokens / max(stats.source_tokens + stats.target_tokens, 1)
+    dataset, _ = tokenize_rows(read_rows(data_file), load_tokenizer(str(model_dir)), data)
+    lengths = [(len(s), len(t)) for s, t in zip(dataset.input_ids, dataset.labels, strict=True)]
+    dims = T5Dims.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    return {method: training_flops_per_token(dims, lengths, method) for method in ("full", "lora")}
 
 
 def train_command(run: Run, model: Path, data_file: Path, out: Path, args: argparse.Namespace) -> list[str]:
@@ -142,7 +144,7 @@ def train_command(run: Run, model: Path, data_file: Path, out: Path, args: argpa
     return cmd
 
 
-def measure(out: Path, run: Run, counts: dict[str, int], encoder_share: float, peak: float | None) -> dict:
+def measure(out: Path, run: Run, per_token: dict[str, float], peak: float | None) -> dict:
     """Throughput, step time, MFU and memory of a finished run (first logging window = warm-up, dropped)."""
     metrics = json.loads((out / "metrics.json").read_text())
     logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
@@ -151,17 +153,16 @@ def measure(out: Path, run: Run, counts: dict[str, int], encoder_share: float, p
     tokens_per_s = statistics.median(h["tokens_per_s"] for h in steady)
     samples_per_s = statistics.median(h["samples_per_s"] for h in steady)
     global_batch = int(metrics.get("num_processes", 1)) * run_batch(out)
-    factor = 4 if run.method == "lora" else 6
-    per_token = encoder_share * counts["encoder"] + (1 - encoder_share) * (counts["decoder"] + counts["lm_head"])
-    flops = factor * per_token * tokens_per_s
+    flops = per_token[run.method] * tokens_per_s
+    utilisation = mfu(flops, peak * 1e12 if peak else None)
     return {
         "run": run.name,
         "config": run.config,
         "tokens_per_s": round(tokens_per_s, 1),
         "step_time_s": round(global_batch / samples_per_s, 4) if samples_per_s else None,
         "tflops": float(f"{flops / 1e12:.3g}"),
-        "mfu": float(f"{flops / (peak * 1e12):.3g}") if peak else None,
-        "peak_memory_gib": round(metrics["peak_memory_mb"] / 1024, 2),
+        "mfu": float(f"{utilisation:.3g}") if utilisation is not None else None,
+        "peak_memory_gb": round(metrics["peak_memory_mb"] / 1000, 2),
         "train_loss": metrics.get("train_loss"),
         "predictions": metrics.get("num_eval_examples"),
         "distributed_type": metrics.get("distributed_type"),
@@ -194,15 +195,12 @@ def execute(cmd: list[str], timeout: int) -> tuple[str, str]:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the results."""
-    head = "| run | launcher config | tokens/s | step time (s) | TFLOP/s | MFU | peak memory (GiB) | status |"
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        mfu = f"{100 * r['mfu']:.3g}%" if r.get("mfu") is not None else "n/a"
-        lines.append(
-            f"| {r['run']} | {r['config']} | {r.get('tokens_per_s', '')} | {r.get('step_time_s', '')} | "
-            f"{r.get('tflops', '')} | {mfu} | {r.get('peak_memory_gib', '')} | {r['status']} |"
-        )
-    return "\n".join(lines)
+    header = ["run", "launcher config", "tokens/s", "step time (s)", "TFLOP/s", "MFU", "peak memory (GB)", "status"]
+    keys = ["run", "config", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_memory_gb", "status"]
+    cells = [[r.get(k, "") for k in keys] for r in rows]
+    for r, row in zip(rows, cells, strict=True):
+        row[5] = f"{100 * r['mfu']:.3g}%" if r.get("mfu") is not None else "n/a"
+    return markdown_table(header, cells)
 
 
 def device_peak(args: argparse.Namespace) -> tuple[str, float | None]:
@@ -234,11 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     device, peak = device_peak(args)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    counts = prepare_model(model_dir, work / "model")
-    encoder_share = token_split(model_dir, data_file, args)
+    parameters = prepare_model(model_dir, work / "model")
+    per_token = flops_per_token(model_dir, data_file, args)
     print(
-        f"device {device}; peak {peak} TFLOP/s; {counts['total'] / 1e6:.1f}M parameters; "
-        f"{100 * encoder_share:.0f}% of real tokens are prompt tokens",
+        f"device {device}; peak {peak} TFLOP/s; {parameters / 1e6:.1f}M parameters; "
+        f"{per_token['full'] / 1e9:.2f} GFLOP per real token (full fine-tuning)",
         flush=True,
     )
     rows = []
@@ -247,17 +245,16 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         status, log = execute(train_command(run, work / "model", data_file, out, args), args.timeout)
         if status == "ok":
-            row = measure(out, run, counts, encoder_share, peak)
+            row = measure(out, run, per_token, peak)
         else:
             row = {"run": run.name, "config": run.config, "status": status}
-            (work / f"{out.name}.log").write_text(log)
+            write_text(work / f"{out.name}.log", log)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(f"{run.name}: {row['status']} ({row['wall_s']} s)", flush=True)
         # Written after every run, so a check stopped part-way still leaves the rows it finished.
         text = f"GPU check on {device} ({time.perf_counter() - started:.0f} s)\n\n{table(rows)}\n"
-        (work / "gpu_check.md").write_text(text)
-        report = {"device": device, "peak_tflops": peak, "runs": rows}
-        (work / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        write_text(work / "gpu_check.md", text)
+        write_json(work / "gpu_check.json", {"device": device, "peak_tflops": peak, "runs": rows})
     print(text)
     sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
