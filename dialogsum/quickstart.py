@@ -8,11 +8,11 @@ summary is a fixed function of a few facts in the dialogue, so a model that lear
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from dialogsum.config import LAB_PROMPT
+from dialogsum.files import read_rows, write_jsonl
 
 NAMES = [
     "Alice",
@@ -98,22 +98,15 @@ def synthetic_rows(count: int, seed: int, prefix: str) -> list[dict[str, str]]:
     return rows
 
 
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    """Write rows as JSON lines."""
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def write_synthetic_dataset(
     directory: str | Path, sizes: tuple[int, int, int] = (480, 48, 40), seed: int = 0
 ) -> dict[str, Path]:
     """Write train/validation/test jsonl files of synthetic dialogues; return their paths."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for offset, (split, size) in enumerate(zip(("train", "validation", "test"), sizes)):
-        paths[split] = write_jsonl(synthetic_rows(size, seed + offset, split), out / f"{split}.jsonl")
-    return paths
+    splits = zip(("train", "validation", "test"), sizes, strict=True)
+    return {
+        split: write_jsonl(Path(directory) / f"{split}.jsonl", synthetic_rows(size, seed + offset, split))
+        for offset, (split, size) in enumerate(splits)
+    }
 
 
 def build_word_tokenizer(texts: list[str], directory: str | Path) -> Path:
@@ -180,8 +173,7 @@ def build_quickstart_assets(directory: str | Path, seed: int = 0) -> tuple[Path,
     paths = write_synthetic_dataset(data_dir, seed=seed)
     texts = [LAB_PROMPT]
     for path in paths.values():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for row in read_rows(path):
             texts.extend([row["dialogue"], row["summary"]])
     tok_dir = build_word_tokenizer(texts, root / "tokenizer")
     build_tiny_t5(tok_dir, model_dir, seed=seed)

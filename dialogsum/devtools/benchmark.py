@@ -314,7 +314,7 @@ def plan_cases(default_precision: str, full_grid: bool) -> list[Case]:
 
 def _peaks(device: torch.device, precision: str) -> float:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    # A GPU reaches its matmul peak only on large products (2048^3 is launch/sync-bound on an H100).
+    # A GPU reaches its matmul peak only on large products (smaller ones are bound by launch and sync).
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)
     return matmul_peak_gflops(dtype, device, sizes)
 
