@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,14 @@ REPORT_SAMPLE_ROWS = 3
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file, or {} when it is missing or unreadable (a report never fails on one file)."""
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """A JSON/YAML object file parsed by ``parse``, or {} when it is missing or unreadable (a report never fails
+    on one file)."""
     if not path.is_file():
         return {}
     try:
-        data = json.loads(read_text(path))
-    except (UserError, json.JSONDecodeError) as exc:
+        data = parse(read_text(path))
+    except (UserError, ValueError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
         logger.warning("ignoring unreadable %s: %s", path, exc)
         return {}
     return data if isinstance(data, dict) else {}
@@ -71,18 +72,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     except UserError as exc:
         logger.warning("ignoring unreadable %s: %s", path, exc)
         return []
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping file, or {} when it is missing or unreadable."""
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(read_text(path))
-    except (UserError, yaml.YAMLError) as exc:
-        logger.warning("ignoring unreadable %s: %s", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ------------------------------------------------------------------------------ tables describing a run
@@ -237,9 +226,9 @@ def write_run_report(output_dir: str | Path) -> Path:
     out = Path(output_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"no run folder at {out}")
-    metrics = _read_json(out / "metrics.json")
-    params = _read_json(out / "parameters.json")
-    config = _read_yaml(out / "config.yaml")
+    metrics = _read_mapping(out / "metrics.json", json.loads)
+    params = _read_mapping(out / "parameters.json", json.loads)
+    config = _read_mapping(out / "config.yaml", yaml.safe_load)
     history = _read_jsonl(out / "log_history.jsonl")
     predictions = _read_jsonl(out / "predictions.jsonl")
     name = config.get("run_name") or out.resolve().name

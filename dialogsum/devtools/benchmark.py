@@ -34,9 +34,9 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -57,109 +57,63 @@ PRECISION_NAMES = {"no": "fp32", "bf16": "bf16"}
 # --------------------------------------------------------------------------------------------- arguments
 
 
+def _flag(default: Any, text: str) -> Any:
+    """A flag field: its default and its ``--help`` text."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class BenchmarkArgs:
-    """What to benchmark and how long."""
+    """What to benchmark and how long: the flags of ``scripts/benchmark.py`` (``HfArgumentParser`` reads them)."""
 
-    model_dir: str
-    """Directory with a seq2seq config and tokenizer (weights if any; random weights otherwise)."""
-    data_file: str
-    """DialogSum-format file (dialogue, summary columns)."""
-    output_json: str | None = None
-    """Where to write the detailed results as JSON."""
-    quick: bool = False
-    """A short run (< ~5 minutes for flan-t5-base on 2 CPU cores): fewer steps and cases."""
-    steps: int = 4
-    """Measured training steps per case (after the warm-up)."""
-    warmup_steps: int = 1
-    """Training steps run first and excluded from the figures."""
-    batch_size: int = 8
-    """Training batch size (same for every case)."""
-    max_source_length: int = 512
-    """Prompt tokens kept (longer prompts are truncated)."""
-    max_target_length: int = 128
-    """Summary tokens kept for training labels."""
-    eval_samples: int = 32
-    """Dialogues summarised in the evaluation speed test."""
-    eval_batch_size: int = 16
-    """Batch size of batched generation."""
-    max_new_tokens: int = 64
-    """Generated tokens per summary (random weights rarely stop earlier)."""
-    accelerate_config: str | None = None
-    """Launcher config whose mixed_precision is 'our default path' (default: accelerate_configs/cpu.yaml)."""
-    full_grid: bool = False
-    """Run every combination of method x batching x precision (default: only without --quick)."""
-    seed: int = 42
-    """Seed of the sampler, the reference DataLoader and the model initialisation."""
-    text_column: str = "dialogue"
-    summary_column: str = "summary"
-    worker_timeout_s: int = 3600
-    """Give up on a case after this many seconds."""
-
-
-QUICK_DEFAULTS = {"steps": 2, "eval_samples": 16, "max_new_tokens": 32}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags (``--quick`` lowers the defaults of steps and evaluation sizes)."""
-    p = argparse.ArgumentParser(
-        description="Training and evaluation speed of dialogsum against the usual Accelerate loop.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    model_dir: str = field(
+        metadata={"help": "Directory with a seq2seq config and tokenizer (weights if any; random weights otherwise)."}
     )
-    p.add_argument(
-        "--model_dir",
-        required=True,
-        help="Directory with a seq2seq config and tokenizer (weights if any; random weights otherwise).",
+    data_file: str = field(metadata={"help": "DialogSum-format .jsonl/.json/.csv/.parquet file."})
+    output_json: str | None = _flag(None, "Write the detailed results here (JSON).")
+    quick: bool = _flag(False, "Short run: 2 steps, 6 cases, 16 summaries of 32 tokens.")
+    full_grid: bool = _flag(False, "Every method x batching x precision (default unless --quick).")
+    steps: int | None = _flag(None, "Measured training steps per case (default 4; 2 with --quick).")
+    warmup_steps: int = _flag(1, "Steps run first in every case and excluded from the figures.")
+    batch_size: int = _flag(8, "Training batch size, the same for every case.")
+    max_source_length: int = _flag(512, "Prompt tokens kept (longer prompts are truncated).")
+    max_target_length: int = _flag(128, "Summary tokens kept for training labels.")
+    eval_samples: int | None = _flag(None, "Dialogues summarised in the evaluation test (default 32; 16 with --quick).")
+    eval_batch_size: int = _flag(16, "Batch size of batched generation.")
+    max_new_tokens: int | None = _flag(None, "Generated tokens per summary (default 64; 32 with --quick).")
+    accelerate_config: str | None = _flag(
+        None,
+        "Launcher config whose mixed_precision defines our default path "
+        "(default: accelerate_configs/cpu.yaml on CPU, single_gpu.yaml on GPU).",
     )
-    p.add_argument("--data_file", required=True, help="DialogSum-format .jsonl/.json/.csv/.parquet file.")
-    p.add_argument("--output_json", default=None, help="Write the detailed results here.")
-    p.add_argument("--quick", action="store_true", help="Short run: 2 steps, 6 cases, 16 summaries of 32 tokens.")
-    p.add_argument(
-        "--full_grid", action="store_true", help="Every method x batching x precision (default unless --quick)."
-    )
-    for name, kind, default in (
-        ("steps", int, None),
-        ("warmup_steps", int, 1),
-        ("batch_size", int, 8),
-        ("max_source_length", int, 512),
-        ("max_target_length", int, 128),
-        ("eval_samples", int, None),
-        ("eval_batch_size", int, 16),
-        ("max_new_tokens", int, None),
-        ("seed", int, 42),
-        ("worker_timeout_s", int, 3600),
-    ):
-        p.add_argument(f"--{name}", type=kind, default=default, help=_FLAG_HELP[name])
-    p.add_argument("--accelerate_config", default=None, help=_FLAG_HELP["accelerate_config"])
-    p.add_argument("--text_column", default="dialogue", help="Column with the dialogue text.")
-    p.add_argument("--summary_column", default="summary", help="Column with the reference summary.")
-    return p
+    seed: int = _flag(42, "Seed of the sampler, the reference DataLoader and the model initialisation.")
+    text_column: str = _flag("dialogue", "Column with the dialogue text.")
+    summary_column: str = _flag("summary", "Column with the reference summary.")
+    worker_timeout_s: int = _flag(3600, "Give up on one case after this many seconds.")
 
 
-_FLAG_HELP = {
-    "steps": "Measured training steps per case (default 4; 2 with --quick).",
-    "warmup_steps": "Steps run first in every case and excluded from the figures.",
-    "batch_size": "Training batch size, the same for every case.",
-    "max_source_length": "Prompt tokens kept (longer prompts are truncated).",
-    "max_target_length": "Summary tokens kept for training labels.",
-    "eval_samples": "Dialogues summarised in the evaluation test (default 32; 16 with --quick).",
-    "eval_batch_size": "Batch size of batched generation.",
-    "max_new_tokens": "Generated tokens per summary (default 64; 32 with --quick).",
-    "seed": "Seed of the sampler, the reference DataLoader and the model initialisation.",
-    "worker_timeout_s": "Give up on one case after this many seconds.",
-    "accelerate_config": "Launcher config whose mixed_precision defines our default path "
-    "(default: accelerate_configs/cpu.yaml on CPU, single_gpu.yaml on GPU).",
-}
+#: Defaults of the flags that ``--quick`` lowers: (without --quick, with --quick).
+SIZE_DEFAULTS = {"steps": (4, 2), "eval_samples": (32, 16), "max_new_tokens": (64, 32)}
 
 
 def parse_args(argv: list[str] | None = None) -> BenchmarkArgs:
-    """Parse and validate the flags (a bad value is a :class:`ConfigError`, exit code 2)."""
-    ns = vars(build_parser().parse_args(argv))
-    quick = ns["quick"]
-    for key, value in QUICK_DEFAULTS.items():
-        if ns[key] is None:
-            ns[key] = value if quick else BenchmarkArgs.__dataclass_fields__[key].default
-    args = BenchmarkArgs(**ns)
+    """Parse and validate the flags (a bad flag or value is a :class:`ConfigError`, exit code 2)."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
+            raise ConfigError(f"{message} (see --help)")
+
+    parser = Parser(
+        BenchmarkArgs,
+        description="Training and evaluation speed of dialogsum against the usual Accelerate loop.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    for key, (full, quick) in SIZE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     for name in (
         "steps",
         "batch_size",
