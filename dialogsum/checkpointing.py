@@ -22,6 +22,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -185,16 +186,67 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     if resume == "latest":
         # No checkpoint yet (first start, or killed before the first save completed): start from the beginning,
         # so the same command serves the first start and every restart (spot instances, SageMaker).
+        # (whether the folder may be started afresh is run_folder.check_output_dir's decision)
         latest = find_latest(output_dir)
-        if latest is None:
-            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting afresh", output_dir)
+        if latest is not None:
+            check_checkpoint_files(latest)
         return latest
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume_from_checkpoint: {resume} is not a directory")
     if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume_from_checkpoint: {resume} is not a complete checkpoint (no {STATE_FILE})")
+    check_checkpoint_files(path)
     return path
+
+
+def _damaged(checkpoint: Path, file: Path, reason: str) -> UserError:
+    """The error for a checkpoint file that cannot be read, pointing to the previous complete checkpoint."""
+    earlier = [d for d in checkpoint_dirs(checkpoint.parent) if d.resolve() != checkpoint.resolve()]
+    earlier = [d for d in earlier if _step_of(d) < _step_of(checkpoint)]
+    if earlier:
+        advice = (
+            f"the previous complete checkpoint is {earlier[-1]}: resume from it with --resume_from_checkpoint "
+            f"{earlier[-1]} (or delete {checkpoint} and use latest)"
+        )
+    else:
+        advice = f"there is no earlier checkpoint: delete {checkpoint} to start afresh"
+    return UserError(f"checkpoint {checkpoint} is damaged: {file.name} is cut short or corrupt ({reason}); {advice}")
+
+
+def _step_of(checkpoint: Path) -> int:
+    match = _NAME.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read (None if it looks whole); cheap: headers and indexes, not all data."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt"):  # parses the header, checks it covers the whole file
+                pass
+        elif magic == b"PK\x03\x04":  # torch.save's zip format (optimizer, scheduler, random states)
+            zipfile.ZipFile(path).close()  # reads the central directory at the very end of the file
+        elif magic[:1] == b"\x80":  # a plain pickle (rng_state_*.pkl)
+            with open(path, "rb") as fh:
+                pickle.load(fh)  # noqa: S301 - our own file, written by save_checkpoint
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - each reader has its own error types (SafetensorError, BadZipFile, ...)
+        return str(exc).splitlines()[0][:200] or type(exc).__name__
+    return None
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint with a file cut short (a copy or disk problem), before anything is loaded."""
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        problem = _file_problem(path)
+        if problem is not None:
+            raise _damaged(checkpoint, path, problem)
 
 
 def read_state(checkpoint: Path) -> TrainState:
@@ -207,20 +259,24 @@ def read_state(checkpoint: Path) -> TrainState:
     return TrainState(**{k: v for k, v in data.items() if k in known})
 
 
-def check_compatible(state: TrainState, cfg: Config, num_processes: int, checkpoint: Path) -> None:
-    """Refuse a checkpoint made with different method, model, data or batch settings, naming them."""
+def settings_differences(saved: dict[str, Any], cfg: Config, then: str = "checkpoint") -> list[str]:
+    """The settings of ``cfg`` that differ from a saved :func:`fingerprint` (``then``: what saved it)."""
     current = fingerprint(cfg)
-    saved = state.fingerprint
     same_data = DATA_DIGEST in current and saved.get(DATA_DIGEST) == current[DATA_DIGEST]
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+    return [
+        f"{k}: {then} {saved.get(k)!r} vs now {v!r}"
         if k != DATA_DIGEST
-        else f"the content of --train_file {cfg.data.train_file} changed since the checkpoint"
+        else f"the content of --train_file {cfg.data.train_file} changed since the {then}"
         for k, v in current.items()
         if saved.get(k) != v
         and not (k == "train_file" and same_data)  # the same data, moved: fine
         and not (k == DATA_DIGEST and k not in saved)  # nothing to compare with
     ]
+
+
+def check_compatible(state: TrainState, cfg: Config, num_processes: int, checkpoint: Path) -> None:
+    """Refuse a checkpoint made with different method, model, data or batch settings, naming them."""
+    diffs = settings_differences(state.fingerprint, cfg)
     if state.num_processes != num_processes:
         diffs.append(f"num_processes: checkpoint {state.num_processes} vs now {num_processes}")
     if diffs:
@@ -430,7 +486,13 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> TrainState:
         accelerator.load_state(str(checkpoint))
     except UserError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch, safetensors, pickle and DeepSpeed each raise their own types
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):  # name the damaged file if one is
+            problem = _file_problem(path)
+            if problem is not None:
+                raise _damaged(checkpoint, path, problem) from exc
+        if not isinstance(exc, (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)):
+            raise
         raise UserError(f"cannot load checkpoint {checkpoint}: {str(exc).splitlines()[0][:300]}") from exc
     return read_state(checkpoint)
 
@@ -439,8 +501,11 @@ def _process_file(checkpoint: Path, rank: int) -> dict[str, Any]:
     path = _rng_file(checkpoint, rank)
     if not path.is_file():
         return {}
-    with open(path, "rb") as fh:
-        return pickle.load(fh)  # noqa: S301 - our own file, written by save_checkpoint
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)  # noqa: S301 - our own file, written by save_checkpoint
+    except Exception as exc:  # noqa: BLE001 - a cut file raises UnpicklingError, EOFError, ValueError, ...
+        raise _damaged(checkpoint, path, str(exc).splitlines()[0][:200] or type(exc).__name__) from exc
 
 
 def load_rng(checkpoint: Path, rank: int) -> None:

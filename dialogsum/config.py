@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import os
-import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from dialogsum.errors import ConfigError
+from dialogsum.files import write_text
 
 #: The prompt of the reference lab, kept byte for byte so zero-shot numbers are comparable.
 LAB_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -37,6 +38,8 @@ METHODS = ("full", "lora")
 REPORT_TO_CHOICES = ("all", "wandb", "tensorboard", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 BEST_METRICS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
+#: The largest seed: numpy (seeded by accelerate's set_seed with the same value) takes 32-bit seeds only.
+MAX_SEED = 2**32 - 1
 
 
 #: Defaults applied by ``--quickstart`` (anything given explicitly still wins): a tiny model learns the
@@ -234,8 +237,8 @@ class Config:
         return flat
 
     def save(self, path: str | Path) -> None:
-        """Write the resolved config as YAML (same keys as the flags)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        """Write the resolved config as YAML (same keys as the flags), atomically."""
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     @property
     def learning_rate(self) -> float:
@@ -251,81 +254,86 @@ def field_names() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------- parsing
+# transformers' HfArgumentParser turns the dataclasses into flags (types, Optional, lists, booleans with their
+# --no_ form, help). Kept here: the YAML layer (its parse_yaml_file/parse_dict put file values into the
+# dataclasses as YAML typed them, unparsed, and cannot merge a file with the command line), one-line errors,
+# validation across fields, and the subsets of flags that evaluate.py and summarize.py take.
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (plus a hint) and exits with code 2."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a multi-line default (the prompt) as one quoted line; '%' in help is text."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
-def _str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = value.lower()
-    if lowered in ("true", "1", "yes", "y", "on"):
-        return True
-    if lowered in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").replace("%", "%%")
+        if (
+            action.default is argparse.SUPPRESS
+            or not action.option_strings
+            or action.option_strings[0].startswith("--no_")
+        ):
+            return text
+        default = action.default
+        shown = repr(default) if isinstance(default, str) and "\n" in default else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
-def _none_or(kind: type) -> Any:
-    def convert(value: str) -> Any:
-        if value.lower() in ("none", "null"):
-            return None
-        return kind(value)
+def _flag_class(section: str, cls: type, names: tuple[str, ...] | None) -> type:
+    """A copy of a config dataclass (only the fields ``names``, all when None) for HfArgumentParser.
 
-    convert.__name__ = kind.__name__
-    return convert
+    A copy, because HfArgumentParser rewrites the field types of the classes it is given; its group name is the
+    section's.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [
+        (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        for f in dataclasses.fields(cls)
+        if names is None or f.name in names
+    ]
+    doc = (cls.__doc__ or "").strip()
+    return dataclasses.make_dataclass(
+        cls.__name__, fields, namespace={"_argument_group_name": f"{section}: {doc}" if doc else section}
+    )
 
 
 def build_parser(
     description: str = "", flags: dict[type, tuple[str, ...] | None] | None = None, config_file: bool = True
 ) -> argparse.ArgumentParser:
-    """Build the argparse parser for the config fields, grouped by section.
+    """The flags of the config fields (``transformers.HfArgumentParser``), grouped by section.
 
     ``flags`` limits it to some sections and fields (``{DataArguments: ("test_file",), GenerationArguments:
     None}``: None = every field of that section), for scripts that take only part of the configuration.
-    ``config_file`` adds ``--config file.yaml``.
+    ``config_file`` adds ``--config file.yaml``. A bad flag raises :class:`ConfigError` (one line, exit code 2).
     """
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
+            raise ConfigError(f"{message} (see --help)")
+
+    selected = flags if flags is not None else dict.fromkeys(SECTIONS.values())
+    classes = [_flag_class(name, cls, selected[cls]) for name, cls in SECTIONS.items() if cls in selected]
     # allow_abbrev=False: a mistyped flag (--learning_rat) is an error, not silently taken for another flag
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = Parser(classes, description=description, formatter_class=_HelpFormatter, allow_abbrev=False)
     if config_file:
         parser.add_argument("--config", default=None, help="YAML file with any of the flags below as keys.")
-    selected = flags if flags is not None else dict.fromkeys(SECTIONS.values())
-    for section, cls in SECTIONS.items():
-        if cls not in selected:
-            continue
-        names = selected[cls]
-        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for f in dataclasses.fields(cls):
-            if names is not None and f.name not in names:
-                continue
-            hint = str(hints[f.name])
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            shown = repr(default) if isinstance(default, str) and "\n" in default else default
-            text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
-            kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
-            if hint.startswith("bool"):
-                kwargs.update(type=_str2bool, nargs="?", const=True, metavar="BOOL")
-            elif hint.startswith("list"):
-                kwargs.update(nargs="*", type=str)
-            elif hint.startswith("int"):
-                kwargs.update(type=_none_or(int) if "None" in hint else int)
-            elif hint.startswith("float"):
-                kwargs.update(type=_none_or(float) if "None" in hint else float)
-            else:
-                kwargs.update(type=_none_or(str) if "None" in hint else str)
-            group.add_argument(f"--{f.name}", **kwargs)
     return parser
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
+_NOT_GIVEN = object()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The flags present on the command line, parsed (defaults left out, so that other layers can fill them)."""
+    namespace = argparse.Namespace(
+        **{a.dest: _NOT_GIVEN for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
+    )
+    parser.parse_args(list(argv) if argv is not None else None, namespace=namespace)
+    return {k: v for k, v in vars(namespace).items() if v is not _NOT_GIVEN}
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--config {path} is a folder, expected a YAML file")
     if not file.is_file():
         raise ConfigError(f"--config file not found: {path}")
     try:
@@ -334,11 +342,66 @@ def _load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must be a mapping of flag names to values")
-    known = field_names()
-    unknown = sorted(k for k in data if k not in known and k != "method")
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
     return data
+
+
+def _as_flag_text(value: Any) -> str:
+    """A YAML scalar written as it would be typed after its flag."""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+_KINDS = {"int": "an integer", "float": "a number", "str": "text"}
+
+
+def _file_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """One YAML value parsed by its flag's own converter, exactly as the same text on the command line."""
+    takes_list = action.nargs in ("+", "*")
+    is_bool_flag = action.const is True
+    type_name = getattr(action.type, "__name__", "str")
+    kind = "true or false" if is_bool_flag else _KINDS.get(type_name, type_name)
+    expected = f"{key} expects {'a list of ' + kind + ' values' if takes_list else kind}"
+
+    def parse(item: Any) -> Any:
+        if item is None or isinstance(item, (list, dict)):
+            shape = "nothing (null)" if item is None else f"a {'list' if isinstance(item, list) else 'mapping'}"
+            raise ConfigError(f"{where}: {expected}, got {shape}")
+        if isinstance(item, bool) and not is_bool_flag:
+            raise ConfigError(f"{where}: {expected}, got {str(item).lower()} (quote it if you mean the text)")
+        text = _as_flag_text(item)
+        if action.type is None:
+            return text
+        try:
+            return action.type(text)
+        except argparse.ArgumentTypeError as exc:  # the message argparse prints for the same flag
+            raise ConfigError(f"{where}: {key}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {key}: invalid {type_name} value: {text!r}") from exc
+
+    if value is None and action.default is None:
+        return None  # an optional setting left unset (as in a saved config.yaml)
+    if takes_list:
+        return [parse(item) for item in (value if isinstance(value, list) else [value])]
+    return parse(value)
+
+
+def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The settings of a ``--config`` YAML file, each parsed and checked like its command-line flag.
+
+    A string for a list flag is a one-element list; numbers written as text (``1e-3``, which YAML reads as a
+    string, or ``"5"``) are numbers; a value the flag would refuse (``max_train_steps: 2.7``) is refused here,
+    naming the file and the key. ``method`` is passed through for the caller to check.
+    """
+    data = _read_yaml(path)
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.option_strings[0] == f"--{a.dest}"}
+    unknown = sorted(k for k in data if k not in actions and k != "method")
+    if unknown:
+        known_elsewhere = [k for k in unknown if k in field_names()]
+        if known_elsewhere and len(known_elsewhere) == len(unknown):
+            raise ConfigError(f"--config {path}: key(s) {', '.join(unknown)} are not settings of this script")
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))}")
+    return {k: (v if k == "method" else _file_value(actions[k], k, v, f"--config {path}")) for k, v in data.items()}
 
 
 def _sagemaker_defaults() -> dict[str, Any]:
@@ -358,25 +421,29 @@ def _sagemaker_defaults() -> dict[str, Any]:
 def parse_config(argv: Sequence[str] | None, method: str, description: str = "") -> Config:
     """Parse flags (and ``--config`` YAML) into a validated :class:`Config` for ``method``.
 
-    Precedence: command line > YAML file > SageMaker environment > dataclass defaults.
+    Precedence: command line > YAML file > ``--quickstart`` presets > SageMaker environment > dataclass defaults.
     Raises :class:`ConfigError` (exit code 2) on any invalid value.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     parser = build_parser(description)
-    args = vars(parser.parse_args(list(argv) if argv is not None else None))
-    values: dict[str, Any] = dict(_sagemaker_defaults())
-    config_path = args.pop("config", None)
+    given = given_flags(parser, argv)
+    explicit: dict[str, Any] = {}
+    config_path = given.pop("config", None)
     if config_path:
-        file_values = _load_yaml(config_path)
-        file_method = file_values.pop("method", None)
+        explicit = file_values(parser, config_path)
+        file_method = explicit.pop("method", None)
         if file_method is not None and file_method != method:
             raise ConfigError(f"--config {config_path} is for method {file_method!r}, this script trains {method!r}")
-        values.update(file_values)
-    values.update(args)
-    if values.get("quickstart"):
-        values = {**QUICKSTART_DEFAULTS["common"], **QUICKSTART_DEFAULTS[method], **values}
-    return build_config(method, values)
+    explicit.update(given)
+    values: dict[str, Any] = _sagemaker_defaults()
+    if explicit.get("quickstart"):
+        values.update({**QUICKSTART_DEFAULTS["common"], **QUICKSTART_DEFAULTS[method]})
+    values.update(explicit)
+    cfg = build_config(method, values)
+    if cfg.train.output_dir is None or not str(cfg.train.output_dir).strip():
+        raise ConfigError("--output_dir is required (where the model, metrics and predictions are written)")
+    return cfg
 
 
 def build_config(method: str, values: dict[str, Any]) -> Config:
@@ -409,10 +476,12 @@ def _positive(name: str, value: float | None, allow_none: bool = True, allow_zer
 def validate(cfg: Config) -> None:
     """Check every value; raise :class:`ConfigError` naming the first bad flag."""
     d, t, lo, g, tr = cfg.data, cfg.train, cfg.lora, cfg.gen, cfg.track
+    for name in SECTIONS:  # nan/inf pass every comparison below unnoticed (and nan is not valid JSON)
+        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{key} must be a finite number, got {value}")
     if not cfg.model.model_name_or_path and not t.quickstart:
         raise ConfigError("--model_name_or_path must not be empty")
-    if t.output_dir is None or not str(t.output_dir).strip():
-        raise ConfigError("--output_dir is required (where the model, metrics and predictions are written)")
     if "{dialogue}" not in d.prompt_template:
         raise ConfigError("--prompt_template must contain the placeholder {dialogue}")
     try:
@@ -446,6 +515,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"--checkpointing_steps must be a positive integer or 'epoch', got {t.checkpointing_steps!r}"
             )
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {t.seed}")
+    if t.overwrite_output_dir and t.resume_from_checkpoint == "latest":
+        raise ConfigError(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint latest would continue "
+            "from; pass only one of them"
+        )
     _positive("save_total_limit", t.save_total_limit)
     _positive("eval_steps", t.eval_steps)
     _positive("early_stopping_patience", t.early_stopping_patience)
@@ -468,8 +544,3 @@ def validate(cfg: Config) -> None:
     _positive("no_repeat_ngram_size", g.no_repeat_ngram_size, allow_zero=True)
     if tr.report_to not in REPORT_TO_CHOICES:
         raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {tr.report_to!r}")
-
-
-def config_to_json(cfg: Config) -> str:
-    """The resolved config as pretty JSON (for logs and metrics files)."""
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=False)

@@ -18,13 +18,12 @@ from torch.utils.data import Dataset
 
 from dialogsum.config import DataArguments
 from dialogsum.errors import UserError
-from dialogsum.files import SUPPORTED_EXTENSIONS, read_rows
+from dialogsum.files import SUPPORTED_EXTENSIONS, describe_value, read_rows
 
 __all__ = ["SUPPORTED_EXTENSIONS", "read_rows"]  # re-exported: file reading lives in dialogsum.files
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 _MULTI_REF = re.compile(r"^(?P<base>.+?)(?P<num>\d+)$")
 _ID_SUFFIX = re.compile(r"_\d+$")
 
@@ -46,11 +45,30 @@ def _summary_columns(columns: Sequence[str], summary_column: str) -> list[str]:
     return [name for _, name in sorted(numbered)]
 
 
+def columns_of(rows: Sequence[Row]) -> list[str]:
+    """Every column name found in any row, in order of first appearance (JSON rows may differ in keys)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def _check_text_cells(row: Row, number: int, columns: Sequence[str], split: str, source: str) -> None:
+    """A text cell holds text or nothing: a missing key or a number/boolean/object is refused, naming the row."""
+    if not any(c in row for c in columns):
+        raise UserError(
+            f"{split} data {source}: row {number} has no {columns[0]!r} key (other rows have it); every row needs one"
+        )
+    for column in columns:
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise UserError(
+                f"{split} data {source}: row {number} has {describe_value(value)} in {column!r}, expected text"
+            )
+
+
 def validate_rows(rows: list[Row], args: DataArguments, split: str, source: str) -> list[Row]:
     """Check the columns and drop (or, with ``--strict``, refuse) rows with an empty dialogue or summary."""
     if not rows:
         raise UserError(f"{split} data {source} has no rows")
-    columns = list(rows[0].keys())
+    columns = columns_of(rows)
     if args.text_column not in columns:
         raise UserError(
             f"{split} data {source} has no column {args.text_column!r} (columns: {', '.join(columns)});"
@@ -65,6 +83,8 @@ def validate_rows(rows: list[Row], args: DataArguments, split: str, source: str)
     kept: list[Row] = []
     empty = 0
     for number, row in enumerate(rows, start=1):
+        _check_text_cells(row, number, [args.text_column], split, source)
+        _check_text_cells(row, number, ref_columns, split, source)
         dialogue = row.get(args.text_column)
         refs = [row.get(c) for c in ref_columns]
         has_ref = any(isinstance(r, str) and r.strip() for r in refs)
@@ -107,6 +127,8 @@ def check_data_sources(args: DataArguments, needed: Sequence[str]) -> None:
                 )
         for path in files.values():
             p = Path(path)
+            if p.is_dir():
+                raise UserError(f"data file is a directory, expected a file: {path}")
             if not p.is_file():
                 raise UserError(f"data file not found: {path}")
             if p.suffix.lower() not in SUPPORTED_EXTENSIONS:
@@ -141,6 +163,8 @@ def load_splits(args: DataArguments, needed: Sequence[str]) -> dict[str, list[Ro
         if args.subsample_every:
             rows = rows[:: args.subsample_every]
         rows = validate_rows(rows, args, split, source)
+        if split != "train":
+            eval_examples(rows, args, source=f"{split} data {source}")  # ids checked now, before any model loads
         out[split] = subsample(rows, limits[split])
     return out
 
@@ -184,14 +208,17 @@ class EvalExample:
     references: list[str]
 
 
-def eval_examples(rows: list[Row], args: DataArguments, limit: int | None = None) -> list[EvalExample]:
+def eval_examples(
+    rows: list[Row], args: DataArguments, limit: int | None = None, source: str = "evaluation data"
+) -> list[EvalExample]:
     """Group rows into unique dialogues with all their references.
 
     Handles both forms of DialogSum's test set: the official one (one row per dialogue with ``summary1..3``)
     and the hub's flattened one (the same dialogue repeated on three rows, one summary each). Order is the
-    order of first appearance; ``limit`` keeps the first N unique dialogues.
+    order of first appearance; ``limit`` keeps the first N unique dialogues. Different dialogues sharing an id
+    are refused (predictions are matched by id later, e.g. by ``compare.py``).
     """
-    ref_columns = _summary_columns(list(rows[0].keys()), args.summary_column)
+    ref_columns = _summary_columns(columns_of(rows), args.summary_column)
     by_dialogue: dict[str, EvalExample] = {}
     for index, row in enumerate(rows):
         dialogue = row[args.text_column]
@@ -212,7 +239,16 @@ def eval_examples(rows: list[Row], args: DataArguments, limit: int | None = None
         stem_a, stem_b = _ID_SUFFIX.sub("", existing.id), _ID_SUFFIX.sub("", example_id)
         if existing.id != example_id and stem_a == stem_b:
             existing.id = stem_a
-    return list(by_dialogue.values())
+    examples = list(by_dialogue.values())
+    first_with_id: dict[str, int] = {}
+    for number, example in enumerate(examples, start=1):
+        if example.id in first_with_id:
+            raise UserError(
+                f"{source}: dialogues {first_with_id[example.id]} and {number} are different but share the id "
+                f"{example.id!r} (column {args.id_column!r}); give each dialogue its own id"
+            )
+        first_with_id[example.id] = number
+    return examples
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
@@ -244,6 +280,22 @@ def _truncate(ids: list[int], max_length: int, eos_id: int | None) -> list[int]:
     return ids[:max_length]
 
 
+def check_prompt_fits(tokenizer: Any, args: DataArguments) -> int:
+    """Refuse a ``--max_source_length`` that leaves no token for the dialogue; return the template's tokens.
+
+    The template with an empty dialogue (plus the end-of-sequence token) must fit with room to spare, or every
+    prompt would be cut to the template alone and the model would never see a dialogue.
+    """
+    template_tokens = len(tokenizer(build_prompt("", args.prompt_template), add_special_tokens=True)["input_ids"])
+    if args.max_source_length <= template_tokens:
+        raise UserError(
+            f"--max_source_length {args.max_source_length} leaves no room for the dialogue: the prompt template "
+            f"alone takes {template_tokens} tokens; use a --max_source_length well above {template_tokens} or a "
+            "shorter --prompt_template"
+        )
+    return template_tokens
+
+
 def encode_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
     """Tokenize without padding, truncate to ``max_length`` (keeping EOS); return ids and the truncated count."""
     ids = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
@@ -272,8 +324,9 @@ class TokenizedDataset(Dataset):
 
 def tokenize_rows(rows: list[Row], tokenizer: Any, args: DataArguments) -> tuple[TokenizedDataset, TokenizationStats]:
     """Turn rows into prompt/label ids (one example per row and reference; the first reference when several)."""
+    check_prompt_fits(tokenizer, args)
     prompts = [build_prompt(r[args.text_column], args.prompt_template) for r in rows]
-    ref_columns = _summary_columns(list(rows[0].keys()), args.summary_column)
+    ref_columns = _summary_columns(columns_of(rows), args.summary_column)
     summaries = [next(str(r[c]) for c in ref_columns if isinstance(r.get(c), str) and r[c].strip()) for r in rows]
     input_ids, cut_src = encode_texts(tokenizer, prompts, args.max_source_length)
     labels, cut_tgt = encode_texts(tokenizer, summaries, args.max_target_length)

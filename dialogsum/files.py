@@ -76,7 +76,7 @@ def read_rows(path: str | Path) -> list[Row]:
             raise UserError(f"cannot read parquet file {file}: {str(exc).splitlines()[0]}") from exc
     text = decode_utf8(file.read_bytes(), str(file))
     if suffix == ".csv":
-        return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]  # keeps newlines in quoted fields
+        return _read_csv(text, file)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -89,6 +89,38 @@ def read_rows(path: str | Path) -> list[Row]:
                 raise UserError(f"{file}: expected a JSON list of objects (or JSON lines)")
             return data
     return parse_jsonl(text, str(file))
+
+
+def _read_csv(text: str, file: Path) -> list[Row]:
+    """CSV rows as dicts; a row with more or fewer fields than the header is an error naming its line."""
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": keeps newlines inside quoted fields
+    header = next(reader, [])
+    rows: list[Row] = []
+    for record in reader:
+        if not record:
+            continue  # a blank line
+        if len(record) != len(header):
+            hint = ""
+            if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
+                hint = " (it looks separated by something other than commas: save it as comma-separated or .jsonl)"
+            raise UserError(
+                f"{file}: line {reader.line_num} has {len(record)} field(s) but the header has {len(header)}{hint}"
+            )
+        rows.append(dict(zip(header, record)))
+    return rows
+
+
+def describe_value(value: Any) -> str:
+    """What a cell holds, for messages: 'a number (42)', 'a boolean (true)', 'an object', 'a list'."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -179,4 +211,3 @@ def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write JSON lines atomically."""
     return write_text(path, jsonl_text(rows))
-

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +33,11 @@ from dialogsum.config import (
     TrainingArguments,
     build_config,
     build_parser,
+    given_flags,
 )
-from dialogsum.errors import UserError
-from dialogsum.files import decode_utf8, read_rows
+from dialogsum.errors import ConfigError, UserError
+from dialogsum.files import decode_utf8, describe_value, jsonl_text, read_rows, write_json, write_jsonl, write_text
+from dialogsum.run_folder import check_can_create, check_not_an_input, input_paths
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +115,7 @@ def _training_config(folder: str | None) -> dict[str, Any]:
 
 
 def config_from_flags(values: dict[str, Any]) -> Config:
-    """Validate parsed flag values into a :class:`Config` (the training validation rules apply).
+    """Validate the flags given on the command line into a :class:`Config` (the training validation rules apply).
 
     With ``--adapter_path`` and no ``--model_name_or_path``, the adapter's own base model is used. When the
     model or adapter folder holds the ``config.yaml`` of its training run, its prompt template and source
@@ -137,7 +138,10 @@ def config_from_flags(values: dict[str, Any]) -> Config:
 def parse_evaluate_args(argv: Sequence[str] | None, description: str = "") -> Config:
     """Flags of ``scripts/evaluate.py`` as a validated :class:`Config`."""
     parser = build_parser(description, EVALUATE_FLAGS, config_file=False)
-    return config_from_flags(vars(parser.parse_args(argv)))
+    cfg = config_from_flags(given_flags(parser, argv))
+    if not cfg.train.output_dir or not str(cfg.train.output_dir).strip():
+        raise ConfigError("--output_dir is required (where metrics.json and predictions.jsonl are written)")
+    return cfg
 
 
 @dataclass
@@ -149,6 +153,8 @@ class SummarizeRequest:
     """A .txt dialogue, or a .jsonl/.json/.csv/.parquet file of them; None or '-' reads one from stdin."""
     output_file: str | None
     """JSON lines output; None writes to stdout."""
+    overwrite_output_file: bool = False
+    """Whether an existing ``output_file`` may be replaced."""
 
 
 def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> SummarizeRequest:
@@ -164,11 +170,15 @@ def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> S
     io_group.add_argument(
         "--output_file", default=None, help="Where to write JSON lines {id, summary}; default: standard output."
     )
-    values = vars(parser.parse_args(argv))
-    input_file, output_file = values.pop("input_file"), values.pop("output_file")
-    # output_dir is required by the shared validation; summaries go to --output_file or stdout.
-    values["output_dir"] = str(Path(output_file).parent) if output_file else "."
-    return SummarizeRequest(config_from_flags(values), input_file, output_file)
+    io_group.add_argument(
+        "--overwrite_output_file",
+        action="store_true",
+        help="Replace --output_file if it exists (never allowed when it is an input).",
+    )
+    values = given_flags(parser, argv)
+    input_file, output_file = values.pop("input_file", None), values.pop("output_file", None)
+    overwrite = values.pop("overwrite_output_file", False)
+    return SummarizeRequest(config_from_flags(values), input_file, output_file, overwrite)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -207,6 +217,8 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
     check_model_source(model_name_or_path)
     if not adapter_path:
         return
+    from dialogsum.modeling import check_weight_files
+
     folder = Path(adapter_path)
     if not folder.is_dir():
         raise UserError(f"--adapter_path not found: {adapter_path}")
@@ -220,6 +232,7 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
         raise UserError(f"{config_file} is not valid JSON") from exc
     if adapter.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_path} holds a {adapter.get('peft_type')} adapter; only LoRA is supported")
+    check_weight_files(folder)
     base = adapter.get("base_model_name_or_path")
     if not base or base == model_name_or_path:
         return
@@ -240,19 +253,27 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
 # --------------------------------------------------------------------------------------------- model
 
 
-def load_generation_model(cfg: Config) -> tuple[torch.nn.Module, Any]:
-    """Model (+ adapter, frozen) and tokenizer for generation. Call it before creating the Accelerator.
-
-    Under DeepSpeed ZeRO-3 with ``zero3_init_flag``, ``from_pretrained`` called after the Accelerator exists
-    builds the model partitioned but without its pretrained values (measured with transformers 5.24 and
-    DeepSpeed 0.19.8 on 2 CPU processes: empty or repeated-word summaries). Loaded first, the real weights
-    are partitioned by ``prepare`` instead.
-    """
-    from dialogsum.modeling import load_for_inference, load_tokenizer
+def load_tokenizer_checked(cfg: Config) -> Any:
+    """The tokenizer, and the check that ``--max_source_length`` leaves room for a dialogue (before weights)."""
+    from dialogsum.data import check_prompt_fits
+    from dialogsum.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
-    model = load_for_inference(cfg.model.model_name_or_path, cfg.model.adapter_path)
-    return model, tokenizer
+    check_prompt_fits(tokenizer, cfg.data)
+    return tokenizer
+
+
+def load_generation_model(cfg: Config, accelerator: Any) -> torch.nn.Module:
+    """Model (+ adapter, frozen) for generation.
+
+    Under DeepSpeed ZeRO-3 transformers would build the model sharded (``zero.Init``) but without its pretrained
+    values; it is loaded whole (:func:`dialogsum.modeling.whole_model_loading`, as training does) and
+    :func:`place_model` shards it.
+    """
+    from dialogsum.modeling import load_for_inference, whole_model_loading
+
+    with whole_model_loading(getattr(accelerator.state, "deepspeed_plugin", None) is not None):
+        return load_for_inference(cfg.model.model_name_or_path, cfg.model.adapter_path)
 
 
 def place_model(accelerator: Any, model: torch.nn.Module, batch_size: int) -> torch.nn.Module:
@@ -284,24 +305,6 @@ def _weights_size_mb(cfg: Config) -> float | None:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ adapter) on ``cfg.train.eval_split``; write metrics.json and predictions.jsonl.
 
@@ -313,26 +316,27 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     from dialogsum.distributed import build_accelerator, finish, topology
     from dialogsum.evaluation import evaluate_with_config
     from dialogsum.modeling import describe_parameters, parameter_report
-    from dialogsum.run_folder import check_output_dir
+    from dialogsum.run_folder import check_output_dir, start_output_dir
     from dialogsum.tracking import peak_memory_mb
 
     split = cfg.train.eval_split
-    out = check_output_dir(cfg, resuming=False)
+    out = check_output_dir(cfg, resuming=False, can_resume=False)
     check_data_sources(cfg.data, [split])
     check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
-    model, tokenizer = load_generation_model(cfg)  # before the Accelerator exists: see load_generation_model
+    rows = load_splits(cfg.data, [split])[split]  # every row checked before the model loads
+    limit = cfg.data.max_test_samples if split == "test" else cfg.data.max_eval_samples
+    examples = eval_examples(rows, cfg.data, limit=limit)
+    logger.info(
+        "%s: %d rows, %d unique dialogues, %d references",
+        split,
+        len(rows),
+        len(examples),
+        sum(len(e.references) for e in examples),
+    )
+    tokenizer = load_tokenizer_checked(cfg)
     accelerator = build_accelerator()
     try:
-        rows = load_splits(cfg.data, [split])[split]
-        limit = cfg.data.max_test_samples if split == "test" else cfg.data.max_eval_samples
-        examples = eval_examples(rows, cfg.data, limit=limit)
-        logger.info(
-            "%s: %d rows, %d unique dialogues, %d references",
-            split,
-            len(rows),
-            len(examples),
-            sum(len(e.references) for e in examples),
-        )
+        model = load_generation_model(cfg, accelerator)
         params = parameter_report(model)
         logger.info(describe_parameters(params))
         model = place_model(accelerator, model, cfg.train.per_device_eval_batch_size)
@@ -358,11 +362,11 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         topo = topology(accelerator)
         metrics.update({k: topo[k] for k in ("num_processes", "distributed_type", "mixed_precision")})
         if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
+            start_output_dir(cfg)  # with --overwrite_output_dir, the previous results go only now
             # predictions first: metrics.json is the marker of a complete result folder.
-            _atomic_write_text(out / "predictions.jsonl", _jsonl(predictions))
+            write_jsonl(out / "predictions.jsonl", predictions)
             cfg.save(out / "config.yaml")
-            _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+            write_json(out / "metrics.json", metrics)
             logger.info(
                 "ROUGE (%s) on %d dialogues: %s; written to %s",
                 metrics["headline_protocol"],
@@ -404,15 +408,22 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
     rows = read_rows(path)
     if not rows:
         raise UserError(f"--input_file {input_file} has no rows")
-    if data.text_column not in rows[0]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if data.text_column not in columns:
         raise UserError(
-            f"{input_file} has no column {data.text_column!r} (columns: {', '.join(rows[0])}); set --text_column"
+            f"{input_file} has no column {data.text_column!r} (columns: {', '.join(columns)}); set --text_column"
         )
     dialogues: list[tuple[str, str]] = []
     seen: set[str] = set()
     for number, row in enumerate(rows, start=1):
-        dialogue = row.get(data.text_column)
-        if not isinstance(dialogue, str) or not dialogue.strip():
+        if data.text_column not in row:
+            raise UserError(f"{input_file}: row {number} has no {data.text_column!r} key (other rows have it)")
+        dialogue = row[data.text_column]
+        if dialogue is not None and not isinstance(dialogue, str):
+            raise UserError(
+                f"{input_file}: row {number} has {describe_value(dialogue)} in {data.text_column!r}, expected text"
+            )
+        if not dialogue or not dialogue.strip():
             raise UserError(f"{input_file}: row {number} has an empty {data.text_column!r}")
         example_id = str(row[data.id_column]) if row.get(data.id_column) not in (None, "") else str(number - 1)
         if example_id in seen:
@@ -422,16 +433,30 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
     return dialogues
 
 
+def check_output_file(request: SummarizeRequest) -> None:
+    """Refuse an ``--output_file`` that is an input, exists (without ``--overwrite_output_file``) or cannot be
+    written; called before the model loads."""
+    if not request.output_file:
+        return
+    target = Path(request.output_file)
+    inputs = input_paths(request.cfg)
+    if request.input_file not in (None, "-") and Path(request.input_file).exists():
+        inputs.append(("--input_file", Path(request.input_file).resolve()))
+    check_not_an_input(target, "--output_file", inputs)
+    if target.is_dir():
+        raise UserError(f"--output_file is a directory: {request.output_file}")
+    if not target.parent.is_dir():
+        raise UserError(f"--output_file folder does not exist: {target.parent}")
+    if target.exists() and not request.overwrite_output_file:
+        raise UserError(f"--output_file {target} exists; pass --overwrite_output_file to replace it")
+    check_can_create(target, "--output_file", kind="file")
+
+
 def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
     """Summarize the requested dialogues; write JSON lines ``{"id", "summary"}``; return the records."""
     cfg = request.cfg
     dialogues = read_dialogues(request.input_file, cfg.data)
-    if request.output_file:
-        target = Path(request.output_file)
-        if target.is_dir():
-            raise UserError(f"--output_file is a directory: {request.output_file}")
-        if not target.parent.is_dir():
-            raise UserError(f"--output_file folder does not exist: {target.parent}")
+    check_output_file(request)
     check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
     from dialogsum.distributed import build_accelerator, finish  # heavy imports after the input checks
     from dialogsum.evaluation import generate_summaries
@@ -440,10 +465,12 @@ def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
     # Standard output carries only the JSON lines: libraries that print there while loading (DeepSpeed's
     # logger, imported by accelerate's unwrap_model, binds to stdout) are sent to stderr instead.
     with contextlib.redirect_stdout(sys.stderr):
-        model, tokenizer = load_generation_model(cfg)  # before the Accelerator exists: see load_generation_model
+        tokenizer = load_tokenizer_checked(cfg)
         accelerator = build_accelerator()
         try:
-            model = place_model(accelerator, model, cfg.train.per_device_eval_batch_size)
+            model = place_model(
+                accelerator, load_generation_model(cfg, accelerator), cfg.train.per_device_eval_batch_size
+            )
             summaries = generate_summaries(
                 accelerator,
                 model,
@@ -458,10 +485,10 @@ def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
             records = [{"id": i, "summary": s} for (i, _), s in zip(dialogues, summaries, strict=True)]
             if accelerator.is_main_process:
                 if request.output_file:
-                    _atomic_write_text(Path(request.output_file), _jsonl(records))
+                    write_text(Path(request.output_file), jsonl_text(records))
                     logger.info("wrote %d summaries to %s", len(records), request.output_file)
                 else:
-                    output.write(_jsonl(records))
+                    output.write(jsonl_text(records))
                     output.flush()
             return records
         finally:

@@ -42,6 +42,24 @@ def check_model_source(name_or_path: str) -> None:
         if not config.get("is_encoder_decoder", False):
             arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
             raise UserError(f"{name_or_path} is not a seq2seq (encoder-decoder) model ({arch}); use a T5/FLAN-T5 model")
+        check_weight_files(Path(name_or_path))
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a ``.safetensors`` file cut short (an interrupted copy or download) before any weight is loaded.
+
+    Reads only the header, which must describe exactly the bytes of the file.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+            raise UserError(
+                f"{path} is cut short or corrupt ({str(exc).splitlines()[0][:200]}); copy or save it again"
+            ) from exc
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -159,9 +177,51 @@ def untie_lm_head(model: torch.nn.Module) -> None:
                 setattr(model, attr, {k: v for k, v in keys.items() if not k.startswith("lm_head")})
 
 
+def check_lora_fits(model: torch.nn.Module, args: LoraArguments) -> None:
+    """Refuse LoRA settings the model cannot take: a target name that matches no layer (peft ignores it when
+    another name matches), or a rank above the smaller dimension of an adapted layer (a rank-r update of an
+    m x n matrix needs r <= min(m, n))."""
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    smallest: tuple[int, str, torch.nn.Linear] | None = None
+    for target in args.lora_target_modules:
+        matched = [(n, m) for n, m in linear.items() if n == target or n.endswith(f".{target}")]
+        if not matched:
+            raise UserError(
+                f"--lora_target_modules {target} matches no linear layer of the model (its layer names: "
+                f"{', '.join(leaf_names)})"
+            )
+        for name, module in matched:
+            limit = min(module.in_features, module.out_features)
+            if smallest is None or limit < smallest[0]:
+                smallest = (limit, name, module)
+    if smallest is not None and args.lora_r > smallest[0]:
+        limit, name, module = smallest
+        raise UserError(
+            f"--lora_r {args.lora_r} is larger than the adapted layers allow: {name} maps {module.in_features} to "
+            f"{module.out_features} features, so no update of it has a rank above {limit}; use --lora_r {limit} or less"
+        )
+
+
+def check_lora_targets(model_name_or_path: str, args: LoraArguments) -> None:
+    """:func:`check_lora_fits` before any weight is loaded: on the model's architecture built on the meta device
+    from its config alone (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the model config of {model_name_or_path}: {str(exc).splitlines()[0]}") from exc
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    check_lora_fits(model, args)
+
+
 def apply_lora(model: torch.nn.Module, args: LoraArguments, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (peft); only adapter weights stay trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
+
+    check_lora_fits(model, args)
 
     config = LoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM,

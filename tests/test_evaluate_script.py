@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -217,6 +218,9 @@ def test_bad_inputs(assets: dict[str, Path], tmp_path: Path) -> None:
     base = ["--test_file", str(assets["official"])]
     adapter = tmp_path / "adapter"
     _save_adapter(assets["model"], adapter)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.json").write_text("{}")
     cases = [
         (
             ["--model_name_or_path", str(adapter), *base, "--output_dir", str(tmp_path / "a")],
@@ -245,10 +249,15 @@ def test_bad_inputs(assets: dict[str, Path], tmp_path: Path) -> None:
             ],
             "data file not found",
         ),
-        (["--model_name_or_path", str(assets["model"]), *base, "--output_dir", str(assets["root"])], "is not empty"),
+        (
+            ["--model_name_or_path", str(assets["model"]), *base, "--output_dir", str(assets["root"])],
+            "--output_dir {} contains the --test_file".format(assets["root"]),
+        ),
+        (["--model_name_or_path", str(assets["model"]), *base, "--output_dir", str(used)], "is not empty"),
     ]
     for argv, message in cases:
-        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(UserError, match=re.escape(message)) as info:
             run_evaluation(parse_evaluate_args(argv))
+        assert "--resume_from_checkpoint" not in str(info.value)  # evaluate.py does not take it
     for folder in ("a", "b", "c"):
         assert not (tmp_path / folder).exists()
