@@ -220,44 +220,43 @@ def case_name(method: str, batching: str, precision: str, gc: bool) -> str:
     return f"{method}-{batching}-{PRECISION_NAMES[precision]}" + ("-gc" if gc else "")
 
 
-def plan_cases(default_precision: str, full_grid: bool) -> list[Case]:
-    """The reference, our default path (with the eval test), then one change at a time (or the full grid)."""
-    other = "no" if default_precision == "bf16" else "bf16"
+def plan_cases(precision: str, full_grid: bool) -> list[Case]:
+    """The reference, our default path at ``precision`` (with the eval test), then one change at a time (with
+    ``full_grid``: every method x batching x precision)."""
+    other = "no" if precision == "bf16" else "bf16"
     ours = Case(
-        case_name("full", "grouped", default_precision, False),
+        case_name("full", "grouped", precision, False),
         "ours",
         "full",
         "grouped",
-        default_precision,
+        precision,
         with_eval=True,
     )
     cases = [Case("reference", "reference", "full", "random", "no"), ours]
     if full_grid:
-        combos = [
-            (m, b, p) for m in ("full", "lora") for b in ("grouped", "random") for p in (default_precision, other)
-        ]
-        combos = [c for c in combos if c != ("full", "grouped", default_precision)]
+        combos = [(m, b, p) for m in ("full", "lora") for b in ("grouped", "random") for p in (precision, other)]
+        combos = [c for c in combos if c != ("full", "grouped", precision)]
         extra = [(m, b, p, False) for m, b, p in combos] + [
-            ("full", "grouped", default_precision, True),
-            ("lora", "grouped", default_precision, True),
+            ("full", "grouped", precision, True),
+            ("lora", "grouped", precision, True),
         ]
     else:
         extra = [
             ("full", "grouped", other, False),
-            ("full", "random", default_precision, False),
-            ("lora", "grouped", default_precision, False),
-            ("full", "grouped", default_precision, True),
+            ("full", "random", precision, False),
+            ("lora", "grouped", precision, False),
+            ("full", "grouped", precision, True),
         ]
-    for method, batching, precision, gc in extra:
+    for method, batching, case_precision, gc in extra:
         cases.append(
             Case(
-                case_name(method, batching, precision, gc),
+                case_name(method, batching, case_precision, gc),
                 "ours",
                 method,
                 batching,
-                precision,
+                case_precision,
                 gc,
-                force_precision=precision == "bf16",
+                force_precision=case_precision == "bf16",
             )
         )
     return cases
@@ -530,7 +529,7 @@ def _default_launch_config() -> Path:
     return Path(__file__).resolve().parents[2] / "accelerate_configs" / name
 
 
-def choose_default_precision(args: BenchmarkArgs) -> dict[str, Any]:
+def choose_precision(args: BenchmarkArgs) -> dict[str, Any]:
     """Our default path's precision: the launcher config's ``mixed_precision``, through the CPU guard."""
     import yaml
 
@@ -674,7 +673,7 @@ def run_benchmark(args: BenchmarkArgs) -> dict[str, Any]:
     from dialogsum.modeling import load_tokenizer, model_from_config
 
     model_dir = _check_inputs(args)
-    precision = choose_default_precision(args)
+    precision = choose_precision(args)
     logger.info("our default path: %s (from %s)", precision["reason"], precision["config"])
     tokenizer = load_tokenizer(str(model_dir))
     pool = build_pool(args, tokenizer)
