@@ -32,6 +32,7 @@ import torch
 
 from dialogsum.config import Config
 from dialogsum.errors import UserError
+from dialogsum.files import write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ def _save_trainable_only(models: list[torch.nn.Module], weights: list[dict[str, 
         weights[i] = {k: v for k, v in weights[i].items() if k in names}
         reduced[str(i)] = sorted(weights[i])
     if reduced:
-        (Path(output_dir) / TRAINABLE_ONLY_FILE).write_text(json.dumps(reduced))
+        write_json(Path(output_dir) / TRAINABLE_ONLY_FILE, reduced)
 
 
 def _load_trainable_only(models: list[torch.nn.Module], input_dir: str) -> None:
@@ -379,13 +380,6 @@ def _remove(path: Path, suffix: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def save_checkpoint(
     accelerator: Any,
     output_dir: str | Path,
@@ -408,13 +402,13 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
-        with open(_rng_file(tmp, accelerator.process_index), "wb") as fh:
-            pickle.dump({"rng": capture_rng(), "process": process_state or {}}, fh)
+        own = {"rng": capture_rng(), "process": process_state or {}}
+        write_bytes(_rng_file(tmp, accelerator.process_index), pickle.dumps(own))
         _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             cfg.save(tmp / "config.yaml")
-            _write_json_synced(tmp / STATE_FILE, asdict(state))  # last: its presence marks a complete folder
+            write_json(tmp / STATE_FILE, asdict(state), sync=True)  # last: its presence marks a complete folder
             if final.exists():
                 _remove(final, ".replaced")
             os.replace(tmp, final)
@@ -477,6 +471,19 @@ def remove_leftovers(output_dir: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+def start_or_resume(accelerator: Any, cfg: Config, scheduler: Any, checkpoint: Path | None) -> TrainState:
+    """The loop's starting state: fresh, or restored from ``checkpoint`` (weights, optimizer, schedule, RNG).
+
+    Call after ``accelerator.prepare``; the schedule, which is not prepared, is registered for checkpointing here.
+    """
+    accelerator.register_for_checkpointing(scheduler)
+    if checkpoint is None:
+        return TrainState(num_processes=accelerator.num_processes, fingerprint=fingerprint(cfg))
+    state = load_checkpoint(accelerator, checkpoint)
+    logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state.step, state.epoch)
+    return state
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path) -> TrainState:

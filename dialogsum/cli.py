@@ -1,4 +1,8 @@
-"""Command-line plumbing shared by the scripts: logging setup and turning user errors into one line."""
+"""Command-line plumbing shared by the scripts: logging setup and turning user errors into one line.
+
+Every script ends with ``run_cli(main)``: ``main(argv)`` parses its flags first and imports torch and
+transformers only after they are valid, so a bad flag is one ``error:`` line in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -51,17 +55,3 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         _teardown_distributed()
         sys.exit(130)
     sys.exit(0)
-
-
-def training_main(method: str, description: str) -> Callable[[Sequence[str] | None], object]:
-    """The ``main`` of a training script for ``method`` (full or lora): parse, validate, train."""
-
-    def main(argv: Sequence[str] | None = None) -> object:
-        from dialogsum.config import parse_config
-
-        cfg = parse_config(argv, method=method, description=description)
-        from dialogsum.pipeline import run_training  # heavy imports (torch, transformers) after the flags check
-
-        return run_training(cfg)
-
-    return main

@@ -385,7 +385,6 @@ class LengthGroupedBatchSampler:
     With ``group_by_length`` the indices are shuffled, cut into mega-chunks of ``batch_size * mega_batches``,
     sorted by length inside each chunk, cut into batches, and the batches shuffled: batches hold examples of
     similar length (little padding) yet arrive in random order. Without it: plain random batches.
-    ``skip_batches`` makes the next epoch start after that many batches (exact resume).
     """
 
     def __init__(
@@ -399,18 +398,10 @@ class LengthGroupedBatchSampler:
         self.group_by_length = group_by_length
         self.mega_batches = mega_batches
         self.epoch = 0
-        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int, skip_batches: int | None = None) -> None:
-        """Choose the epoch (and how many leading batches to skip, for resuming mid-epoch).
-
-        Without ``skip_batches``, a skip already set for this same epoch is kept: accelerate's prepared
-        DataLoader calls ``set_epoch(epoch)`` on its batch sampler each time it is iterated.
-        """
-        if skip_batches is None:
-            skip_batches = self.skip_batches if epoch == self.epoch else 0
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order :meth:`__iter__` gives (accelerate's prepared loader calls this too)."""
         self.epoch = epoch
-        self.skip_batches = skip_batches
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """All batches of an epoch, in order."""
@@ -427,10 +418,10 @@ class LengthGroupedBatchSampler:
         return [batches[i] for i in permutation]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.skip_batches :]
+        yield from self.batches()
 
     def __len__(self) -> int:
-        return max(math.ceil(len(self.lengths) / self.batch_size) - self.skip_batches, 0)
+        return math.ceil(len(self.lengths) / self.batch_size)
 
 
 def padding_fraction(

@@ -187,7 +187,6 @@ def build_accelerator(
     gradient_accumulation_steps: int = 1,
     log_with: list[str] | None = None,
     project_dir: str | None = None,
-    per_device_train_batch_size: int | None = None,
 ) -> Accelerator:
     """Build the :class:`~accelerate.Accelerator` for the current launch, checked and tuned for CPU.
 
@@ -195,8 +194,6 @@ def build_accelerator(
     * Raises :class:`UserError` when the number of processes differs from what the launcher was asked for.
     * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count, and
       the runtime settings of :mod:`dialogsum.cpu_runtime` (denormals flushed, freed memory kept).
-    * Under DeepSpeed, ``per_device_train_batch_size`` is written into its config (see
-      :func:`set_deepspeed_micro_batch`): required when the training loader uses a batch sampler.
     """
     request = read_launch_request()
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -241,8 +238,6 @@ def build_accelerator(
     if accelerator.device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
         _set_cpu_threads(request, local_world)
-    if per_device_train_batch_size is not None:
-        set_deepspeed_micro_batch(accelerator, per_device_train_batch_size)
     return accelerator
 
 

@@ -1,4 +1,5 @@
-"""Model and tokenizer: load (hub id or local dir), LoRA wrapping, parameter report, save and reload."""
+"""Model and tokenizer: load (hub id or local dir) for training or inference, LoRA wrapping, gradient
+checkpointing, parameter report, save and reload."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dialogsum.config import LoraArguments
+from dialogsum.config import LoraArguments, ModelArguments
 from dialogsum.errors import UserError
 from dialogsum.fast_layers import use_fast_layers
 from dialogsum.hub import ensure_hub_reachable
@@ -149,6 +150,20 @@ def load_model(name_or_path: str, fused_activations: bool = True) -> torch.nn.Mo
     return model
 
 
+def load_for_training(args: ModelArguments, accelerator: Any) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and model to train (fp32 weights, gradient checkpointing if asked); LoRA is applied on top.
+
+    Under DeepSpeed ZeRO-3 without ``zero3_init_flag`` the weights are loaded whole and ``prepare`` shards them.
+    """
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    with whole_model_loading(plugin is not None and not plugin.zero3_init_flag):
+        model = load_model(args.model_name_or_path)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return tokenizer, model
+
+
 def model_from_config(config_dir: str, seed: int = 0) -> torch.nn.Module:
     """The architecture of ``config_dir`` with random weights and its own (untied) ``lm_head``.
 
@@ -274,11 +289,6 @@ def describe_parameters(report: dict[str, Any]) -> str:
         f"trainable model parameters: {report['trainable_params']:,} | all model parameters: "
         f"{report['total_params']:,} | trainable: {report['trainable_percent']:.2f}%"
     )
-
-
-def is_peft(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a PEFT (LoRA) model."""
-    return hasattr(model, "peft_config")
 
 
 def save_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> float:

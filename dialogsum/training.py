@@ -1,9 +1,13 @@
-"""The training loop, shared by full fine-tuning and LoRA. Reads top to bottom.
+"""The training loop, shared by full fine-tuning and LoRA, and the pieces it is made of.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process:
 8 per device x 4 accumulation x 2 processes = 64 examples per optimizer step. The learning-rate schedule is
 built in optimizer steps and stepped here exactly once per optimizer step (it is deliberately not passed to
 ``accelerator.prepare``, whose wrapper would step it once per process).
+
+:func:`train_loop` reads top to bottom; what it needs around the step lives in three small objects:
+:class:`TrainBatches` (the batches from where the run stands, exact resume included), :class:`LogWindow`
+(running sums on the device -> one log event) and :class:`Checkpointer` (saves, never a diverged state).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,8 @@ from dialogsum.checkpointing import (
 from dialogsum.config import Config
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.errors import UserError
+from dialogsum.files import write_jsonl, write_text
+from dialogsum.tracking import peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +97,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: 
     )
 
 
-def plan_steps(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) from the prepared dataloader's length."""
-    per_epoch = max(math.ceil(batches_per_epoch / cfg.train.gradient_accumulation_steps), 1)
-    if cfg.train.max_train_steps:
-        return per_epoch, cfg.train.max_train_steps
-    return per_epoch, max(int(math.ceil(cfg.train.num_train_epochs * per_epoch)), 1)
+def plan_steps(cfg: Config, batches_per_epoch: int, num_processes: int) -> int:
+    """Total optimizer steps, from the prepared dataloader's length (batches per process); logs the arithmetic."""
+    t = cfg.train
+    per_epoch = max(math.ceil(batches_per_epoch / t.gradient_accumulation_steps), 1)
+    total = t.max_train_steps or max(int(math.ceil(t.num_train_epochs * per_epoch)), 1)
+    logger.info(
+        "effective batch: %d per device x %d accumulation x %d process(es) = %d examples per optimizer "
+        "step; %d optimizer steps per epoch, %d in total; learning rate %.2e",
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        num_processes,
+        t.per_device_train_batch_size * t.gradient_accumulation_steps * num_processes,
+        per_epoch,
+        total,
+        cfg.learning_rate,
+    )
+    return total
 
 
 @dataclass
@@ -111,33 +128,22 @@ class TrainResult:
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def metrics(self) -> dict[str, Any]:
+        """The training entries of ``metrics.json``."""
+        seconds = max(self.runtime_s, 1e-9)
+        return {
+            "train_loss": self.train_loss,
+            "train_runtime_s": round(self.runtime_s, 3),
+            "train_samples_per_s": round(self.samples / seconds, 3),
+            "train_tokens_per_s": round(self.real_tokens / seconds, 2),
+            "train_steps": self.state.step,
+            "stopped_early": self.stopped_early,
+            "best_metric": self.state.best_metric,
+            "best_step": self.state.best_step,
+        }
 
-def _is_better(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "eval_loss" else value > best
 
-
-class HistoryWriter:
-    """Appends log events to ``log_history.jsonl`` (main process) and keeps them in memory."""
-
-    def __init__(self, path: Path | None, keep_from_step: int = 0) -> None:
-        self.path = path
-        self.events: list[dict[str, Any]] = []
-        if path is not None and path.exists() and keep_from_step:
-            # resuming: keep what was logged up to the checkpoint, drop what came after it
-            kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            self.events = [e for e in kept if e.get("step", 0) <= keep_from_step]
-            path.write_text("".join(json.dumps(e) + "\n" for e in self.events))
-        elif path is not None:
-            path.write_text("")
-
-    def write(self, event: dict[str, Any]) -> None:
-        """Record one event."""
-        self.events.append(event)
-        if self.path is not None:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(event) + "\n")
+# --------------------------------------------------------------------------------------------- the loop
 
 
 def train_loop(
@@ -152,228 +158,306 @@ def train_loop(
     state: TrainState,
     evaluate: Callable[[int], dict[str, float]] | None = None,
     resume_from: Path | None = None,
-    memory_mb: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Run optimizer steps until ``total_steps`` (or early stopping); return loss, timing and counters.
 
-    ``state`` holds the counters to start from (zero, or those of the checkpoint being resumed);
-    ``resume_from`` is that checkpoint, whose RNG states are put back at the point where they were saved.
-    ``evaluate(step)`` returns eval metrics (``eval_loss`` and optionally ROUGE) for periodic evaluation.
+    ``state`` holds the counters to start from (zero, or those of the checkpoint ``resume_from``, whose RNG
+    states and running sums are put back); ``evaluate(step)`` returns eval metrics (``eval_loss``, maybe ROUGE).
     """
     t = cfg.train
-    world = accelerator.num_processes
-    main = accelerator.is_main_process
-    if main:
-        remove_leftovers(t.output_dir)
-    history = HistoryWriter(Path(t.output_dir) / "log_history.jsonl" if main else None, keep_from_step=state.step)
     params = [p for p in model.parameters() if p.requires_grad]
-    checkpoint_every = int(t.checkpointing_steps) if t.checkpointing_steps and t.checkpointing_steps != "epoch" else 0
-    batches_per_epoch = math.ceil(len(sampler.lengths) / sampler.batch_size)  # all processes together
-    if state.batches_in_epoch >= batches_per_epoch:
-        # saved on the last batch of an epoch: the uninterrupted run goes straight on to the next epoch
-        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    batches = TrainBatches(accelerator, train_loader, sampler, state, resume_from)
+    window = LogWindow(accelerator, state, resume_from, t.output_dir)
+    saver = Checkpointer(accelerator, cfg, state, window, params)
+    history = History(accelerator, t.output_dir, keep_from_step=state.step)
+    every = int(t.checkpointing_steps) if str(t.checkpointing_steps).isdigit() else 0
     progress = tqdm(
         total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process
     )
-
-    # Running sums live on the device: no host sync until a log line is due. A resumed run starts from the
-    # sums saved in its checkpoint (each process its own loss sums; token and sample counts, already summed
-    # over processes, on the main one), so its log lines and train_loss are those of the uninterrupted run.
-    own = load_process_state(resume_from, accelerator.process_index) if resume_from is not None else {}
-    loss_sum = torch.tensor(own.get("window_loss", 0.0), device=accelerator.device, dtype=torch.float32)
-    loss_count = state.window_micro_batches
-    window_tokens = torch.tensor(state.window_tokens if main else 0, device=accelerator.device, dtype=torch.long)
-    window_samples = state.window_samples if main else 0
-    total_loss = torch.tensor(own.get("total_loss", 0.0), device=accelerator.device, dtype=torch.float64)
-    total_micro = state.total_micro_batches
-    total_tokens, total_samples = state.total_tokens, state.total_samples
-    grad_norm: Any = None
-    last_saved = -1
-    window_start = start = time.perf_counter()
-    elapsed_before = state.elapsed_s
     stopped_early = False
     model.train()
-
-    def diverged(where: str) -> UserError:
-        progress.close()  # end the progress bar's line: the error must be a line of its own
-        latest = find_latest(t.output_dir)
-        kept = (
-            f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
-            if latest
-            else "no checkpoint was saved before this"
-        )
-        return UserError(
-            f"{where} at step {state.step}: training diverged; lower --learning_rate or check the data; {kept}"
-        )
-
-    def log_window() -> None:
-        nonlocal loss_sum, loss_count, window_tokens, window_samples, window_start, total_tokens, total_samples
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
-        stats = torch.stack(
-            [loss_sum.float(), window_tokens.float(), torch.tensor(float(window_samples), device=accelerator.device)]
-        )
-        stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
-        mean_loss = stats[0].item() / max(loss_count * world, 1)
-        if not math.isfinite(mean_loss):
-            raise diverged(f"loss became {mean_loss}")
-        tokens, samples = int(stats[1].item()), int(stats[2].item())
-        total_tokens += tokens
-        total_samples += samples
-        event = {
-            "step": state.step,
-            "epoch": round(state.epoch + min(state.batches_in_epoch / batches_per_epoch, 1.0), 4),
-            "loss": round(mean_loss, 6),
-            "learning_rate": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": round(tokens / elapsed, 2),
-            "samples_per_s": round(samples / elapsed, 3),
-        }
-        if memory_mb is not None:
-            event["peak_memory_mb"] = round(memory_mb(), 1)
-        accelerator.log({f"train/{k}": v for k, v in event.items() if k != "step" and v is not None}, step=state.step)
-        history.write(event)
-        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{event['learning_rate']:.2e}")
-        loss_sum = torch.zeros((), device=accelerator.device)
-        loss_count, window_samples = 0, 0
-        window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        window_start = time.perf_counter()
-
-    def checkpoint() -> None:
-        nonlocal last_saved
-        if state.step == last_saved:  # e.g. a best-metric save and a scheduled save at the same step
-            return
-        # Never save a diverged state: the window's losses and the weights themselves must be finite.
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all().float()
-        sums = torch.stack(
-            [
-                loss_sum.double(),
-                window_tokens.double(),
-                torch.tensor(float(window_samples), device=accelerator.device, dtype=torch.float64),
-                finite.double(),
-            ]
-        )
-        if world > 1:
-            sums = accelerator.reduce(sums, reduction="sum")
-        if not math.isfinite(sums[0].item()):
-            raise diverged("loss is not finite (not saving this state)")
-        if sums[3].item() < world:
-            raise diverged("weights are not finite (not saving this state)")
-        state.window_micro_batches, state.total_micro_batches = loss_count, total_micro
-        state.window_tokens, state.window_samples = int(sums[1].item()), int(sums[2].item())
-        state.total_tokens, state.total_samples = total_tokens, total_samples
-        state.elapsed_s = elapsed_before + time.perf_counter() - start
-        try:
-            own_sums = {"window_loss": loss_sum.item(), "total_loss": total_loss.item()}
-            path = save_checkpoint(accelerator, t.output_dir, state, cfg, process_state=own_sums)
-        except UserError:
-            progress.close()
-            raise
-        last_saved = state.step
-        if main:
-            prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
-        accelerator.wait_for_everyone()
-        logger.info("saved checkpoint %s", path)
-
-    while state.step < total_steps and not stopped_early:
-        # accelerate's prepared loader calls set_epoch(<its own iteration count>) on the sampler when iterated;
-        # align that count with ours so the sampler shuffles for the right epoch
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(state.epoch)
-        sampler.set_epoch(state.epoch, skip_batches=0)
-        # Resuming mid-epoch, the batches already trained on are drawn and dropped (collation only, no model
-        # work): with several processes, accelerate's sharder tops up the epoch's last batches from the epoch's
-        # first ones, so the whole epoch must pass through it for the shards to come out as they did.
-        fast_forward = state.batches_in_epoch // world
-        if resume_from is not None and fast_forward == 0:
-            # resuming at an epoch start: starting the loader draws from the torch RNG after this point, as
-            # it did in the uninterrupted run
-            load_rng(resume_from, accelerator.process_index)
-            resume_from = None
-        for batch in train_loader:
-            if fast_forward:
-                fast_forward -= 1
-                continue
-            if resume_from is not None:
-                # resuming mid-epoch: the uninterrupted run started this epoch's loader (one RNG draw) before
-                # the checkpoint was taken, so restore the RNG only now that the loader has started
-                load_rng(resume_from, accelerator.process_index)
-                resume_from = None
-            num_tokens = batch.pop("num_tokens")
+    try:
+        for batch, ends_epoch in batches:
+            num_tokens = batch.pop("num_tokens")  # real prompt + summary tokens, for throughput
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    window.grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += world
-            loss_sum += loss.detach().float()
-            loss_count += 1
-            total_loss += loss.detach().double()
-            total_micro += 1
-            window_tokens += num_tokens
-            window_samples += batch["input_ids"].shape[0]
+            window.add(loss, num_tokens, batch["input_ids"].shape[0])
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()  # once per optimizer step, whatever the number of processes
             state.step += 1
             progress.update(1)
             if state.step % t.logging_steps == 0 or state.step == total_steps:
-                log_window()
+                event = window.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0])
+                history.write(event, "train")
+                progress.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['learning_rate']:.2e}")
             if evaluate is not None and t.eval_steps and state.step % t.eval_steps == 0:
-                stopped_early = _periodic_eval(accelerator, evaluate, state, cfg, history, checkpoint)
-            if checkpoint_every and state.step % checkpoint_every == 0:
-                checkpoint()
+                stopped_early = _periodic_eval(evaluate, state, cfg, history, saver)
+            if every and state.step % every == 0:
+                saver.save()
             if state.step >= total_steps or stopped_early:
                 break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            if t.checkpointing_steps == "epoch":
-                checkpoint()
-    if loss_count:
-        log_window()
-    progress.close()
-    runtime = elapsed_before + time.perf_counter() - start
-    mean = total_loss / max(total_micro, 1)
-    # mean over processes of per-process means
-    mean = accelerator.reduce(mean, reduction="mean") if world > 1 else mean
+            if ends_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if t.checkpointing_steps == "epoch":
+                    saver.save()
+        if window.micro_batches:  # steps after the last log line (early stopping)
+            history.write(window.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0]), "train")
+    finally:
+        progress.close()  # the bar's line ends before any error message
     return TrainResult(
         state=state,
-        train_loss=float(mean),
-        runtime_s=runtime,
-        samples=total_samples,
-        real_tokens=total_tokens,
+        train_loss=window.mean_train_loss(),
+        runtime_s=window.elapsed_s(),
+        samples=window.total_samples,
+        real_tokens=window.total_tokens,
         stopped_early=stopped_early,
         history=history.events,
     )
 
 
 def _periodic_eval(
-    accelerator: Any,
     evaluate: Callable[[int], dict[str, float]],
     state: TrainState,
     cfg: Config,
-    history: HistoryWriter,
-    checkpoint: Callable[[], None],
+    history: History,
+    saver: Checkpointer,
 ) -> bool:
     """Evaluate, track the best metric (saving its checkpoint), and tell whether to stop early."""
     t = cfg.train
     metrics = evaluate(state.step)
     event = {"step": state.step, **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}}
-    history.write(event)
-    accelerator.log({f"eval/{k[5:]}": v for k, v in event.items() if k != "step"}, step=state.step)
+    history.write(event, "eval")
     key = t.metric_for_best if t.metric_for_best == "eval_loss" else f"eval_{t.metric_for_best}"
     value = event.get(key)
     if value is None:
         return False
-    if _is_better(t.metric_for_best, value, state.best_metric):
+    if state.best_metric is None or (value < state.best_metric if key == "eval_loss" else value > state.best_metric):
         state.best_metric, state.best_step = value, state.step
         state.evals_without_improvement = 0
         if t.checkpointing_steps:
             state.best_checkpoint = f"checkpoint-{state.step}"
-            checkpoint()
+            saver.save()
     else:
         state.evals_without_improvement += 1
     logger.info("step %d: %s = %.4f (best %.4f at step %s)", state.step, key, value, state.best_metric, state.best_step)
     return bool(t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience)
+
+
+# --------------------------------------------------------------------------------------------- its pieces
+
+
+class TrainBatches:
+    """This process's training micro-batches from where ``state`` stands, epoch after epoch (no end).
+
+    Yields ``(batch, ends_epoch)`` and counts ``state.batches_in_epoch``; the loop moves ``state.epoch`` on after
+    an epoch's last batch. Resuming from a checkpoint, its RNG states are put back at the point of the loop where
+    they were saved, and the batches already trained on in the current epoch are drawn and dropped (collation
+    only, no model work): with several processes, accelerate's sharder tops up an epoch's last batches from its
+    first ones, so the whole epoch must pass through it for the shards to come out as they did.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        loader: Any,
+        sampler: LengthGroupedBatchSampler,
+        state: TrainState,
+        resume_from: Path | None,
+    ) -> None:
+        self.accelerator, self.loader, self.sampler, self.state = accelerator, loader, sampler, state
+        self.resume_from = resume_from
+        self.world = accelerator.num_processes
+        self.per_epoch = math.ceil(len(sampler.lengths) / sampler.batch_size)  # all processes together
+        if state.batches_in_epoch >= self.per_epoch:
+            # saved on the last batch of an epoch: the uninterrupted run went straight on to the next epoch
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+    def epoch_progress(self) -> float:
+        """Epochs done, as a fraction (for log lines)."""
+        return round(self.state.epoch + min(self.state.batches_in_epoch / self.per_epoch, 1.0), 4)
+
+    def _restore_rng(self) -> None:
+        if self.resume_from is not None:
+            load_rng(self.resume_from, self.accelerator.process_index)
+            self.resume_from = None
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        while True:
+            state = self.state
+            # accelerate's prepared loader calls set_epoch(<its own iteration count>) on the sampler when
+            # iterated: align that count with ours so the sampler shuffles for the right epoch
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(state.epoch)
+            self.sampler.set_epoch(state.epoch)
+            skip = state.batches_in_epoch // self.world
+            if skip == 0:
+                # at an epoch start the uninterrupted run saved before this epoch's loader started (one RNG draw)
+                self._restore_rng()
+            last = len(self.loader) - 1
+            for index, batch in enumerate(self.loader):
+                if index < skip:
+                    continue
+                # mid-epoch the loader had started before the save: restore only now that it has
+                self._restore_rng()
+                state.batches_in_epoch += self.world
+                yield batch, index == last
+
+
+def _sum_over_processes(accelerator: Any, values: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(values, reduction="sum") if accelerator.num_processes > 1 else values
+
+
+class LogWindow:
+    """Running sums of the log window (since the last log line) and of the run; one log event per window.
+
+    Sums stay on the device, so no step waits for the host; :meth:`close` reduces them over processes once
+    per log line. Loss sums are each process's own (one mean loss per micro-batch); real-token and sample
+    counts saved in a checkpoint are already summed over processes and come back on the main process only, so
+    a resumed run's log lines and ``train_loss`` are those of the uninterrupted run.
+    """
+
+    def __init__(self, accelerator: Any, state: TrainState, resume_from: Path | None, output_dir: str) -> None:
+        self.accelerator, self.output_dir = accelerator, output_dir
+        saved = load_process_state(resume_from, accelerator.process_index) if resume_from is not None else {}
+        device, main = accelerator.device, accelerator.is_main_process
+        self.loss = torch.tensor(saved.get("window_loss", 0.0), device=device, dtype=torch.float32)
+        self.micro_batches = state.window_micro_batches
+        self.tokens = torch.tensor(state.window_tokens if main else 0, device=device, dtype=torch.long)
+        self.samples = state.window_samples if main else 0
+        self.total_loss = torch.tensor(saved.get("total_loss", 0.0), device=device, dtype=torch.float64)
+        self.total_micro_batches = state.total_micro_batches
+        self.total_tokens, self.total_samples = state.total_tokens, state.total_samples
+        self.grad_norm: Any = None
+        self.started = self.window_started = time.perf_counter()
+        self.elapsed_before = state.elapsed_s
+
+    def add(self, loss: torch.Tensor, num_tokens: torch.Tensor, samples: int) -> None:
+        """Count one micro-batch of this process."""
+        loss = loss.detach()
+        self.loss += loss.float()
+        self.total_loss += loss.double()
+        self.micro_batches += 1
+        self.total_micro_batches += 1
+        self.tokens += num_tokens
+        self.samples += samples
+
+    def close(self, step: int, epoch: float, learning_rate: float) -> dict[str, Any]:
+        """The window's log event, reduced over processes (every process calls this); a new window starts."""
+        device = self.accelerator.device
+        elapsed = max(time.perf_counter() - self.window_started, 1e-9)
+        sums = torch.stack([self.loss.float(), self.tokens.float(), torch.tensor(float(self.samples), device=device)])
+        sums = _sum_over_processes(self.accelerator, sums)
+        mean_loss = sums[0].item() / max(self.micro_batches * self.accelerator.num_processes, 1)
+        if not math.isfinite(mean_loss):
+            raise diverged(f"loss became {mean_loss}", step, self.output_dir)
+        tokens, samples = int(sums[1].item()), int(sums[2].item())
+        self.total_tokens += tokens
+        self.total_samples += samples
+        self.loss = torch.zeros((), device=device)
+        self.tokens = torch.zeros((), device=device, dtype=torch.long)
+        self.micro_batches = self.samples = 0
+        self.window_started = time.perf_counter()
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": round(mean_loss, 6),
+            "learning_rate": learning_rate,
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
+            "tokens_per_s": round(tokens / elapsed, 2),
+            "samples_per_s": round(samples / elapsed, 3),
+            "peak_memory_mb": round(peak_memory_mb(self.accelerator.device), 1),
+        }
+
+    def save_to(self, state: TrainState, tokens: int, samples: int) -> dict[str, float]:
+        """Put the sums into ``state`` (``tokens``/``samples``: the window's counts over all processes); return
+        this process's own loss sums, saved with its RNG states."""
+        state.window_micro_batches, state.total_micro_batches = self.micro_batches, self.total_micro_batches
+        state.window_tokens, state.window_samples = tokens, samples
+        state.total_tokens, state.total_samples = self.total_tokens, self.total_samples
+        state.elapsed_s = self.elapsed_s()
+        return {"window_loss": self.loss.item(), "total_loss": self.total_loss.item()}
+
+    def elapsed_s(self) -> float:
+        """Training time so far, earlier runs of a resumed training included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def mean_train_loss(self) -> float:
+        """Mean loss of the whole training: mean over processes of per-process micro-batch means (collective)."""
+        mean = self.total_loss / max(self.total_micro_batches, 1)
+        return float(_sum_over_processes(self.accelerator, mean) / self.accelerator.num_processes)
+
+
+def diverged(where: str, step: int, output_dir: str) -> UserError:
+    """The error for a diverged run, naming the last good checkpoint."""
+    latest = find_latest(output_dir)
+    kept = (
+        f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
+        if latest
+        else "no checkpoint was saved before this"
+    )
+    return UserError(f"{where} at step {step}: training diverged; lower --learning_rate or check the data; {kept}")
+
+
+class Checkpointer:
+    """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones."""
+
+    def __init__(
+        self, accelerator: Any, cfg: Config, state: TrainState, window: LogWindow, params: list[torch.nn.Parameter]
+    ) -> None:
+        self.accelerator, self.cfg, self.state, self.window, self.params = accelerator, cfg, state, window, params
+        self.last_saved = -1
+        if accelerator.is_main_process:
+            remove_leftovers(cfg.train.output_dir)  # partial folders of a run killed while saving
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step (every process calls this)."""
+        accelerator, state, window, t = self.accelerator, self.state, self.window, self.cfg.train
+        if state.step == self.last_saved:  # e.g. a best-metric save and a scheduled save at the same step
+            return
+        # the window's losses and the weights themselves must be finite on every process (one all-reduce)
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        samples = torch.tensor(float(window.samples), device=accelerator.device, dtype=torch.float64)
+        sums = torch.stack([window.loss.double(), window.tokens.double(), samples, finite.double()])
+        sums = _sum_over_processes(accelerator, sums)
+        if not math.isfinite(sums[0].item()):
+            raise diverged("loss is not finite (not saving this state)", state.step, t.output_dir)
+        if sums[3].item() < accelerator.num_processes:
+            raise diverged("weights are not finite (not saving this state)", state.step, t.output_dir)
+        own = window.save_to(state, tokens=int(sums[1].item()), samples=int(sums[2].item()))
+        path = save_checkpoint(accelerator, t.output_dir, state, self.cfg, process_state=own)
+        self.last_saved = state.step
+        if accelerator.is_main_process:
+            prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+        accelerator.wait_for_everyone()
+        logger.info("saved checkpoint %s", path)
+
+
+class History:
+    """Log events, to the trackers (``train/loss``, ``eval/loss``, ...) and to ``log_history.jsonl`` (main
+    process); kept in memory too. Resuming, the file keeps what was logged up to the checkpoint's step."""
+
+    def __init__(self, accelerator: Any, output_dir: str, keep_from_step: int = 0) -> None:
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "log_history.jsonl" if accelerator.is_main_process else None
+        self.events: list[dict[str, Any]] = []
+        if self.path is not None and self.path.exists() and keep_from_step:
+            kept = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            self.events = [e for e in kept if e.get("step", 0) <= keep_from_step]
+            write_jsonl(self.path, self.events)
+        elif self.path is not None:
+            write_text(self.path, "")
+
+    def write(self, event: dict[str, Any], kind: str) -> None:
+        """Record one event of ``kind`` (``train`` or ``eval``; its keys may repeat the kind: ``eval_loss``)."""
+        tracked = {f"{kind}/{k.removeprefix(kind + '_')}": v for k, v in event.items() if k != "step" and v is not None}
+        self.accelerator.log(tracked, step=event["step"])
+        self.events.append(event)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fh:  # a log grows line by line
+                fh.write(json.dumps(event) + "\n")

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FLAN_T5_BASE_DIR = SHARED / "models" / "flan-t5-base"
 DIALOGSUM_DEV = SHARED / "data" / "dialogsum" / "dialogsum.dev.jsonl"
+
+
+def script_main(name: str) -> Callable[..., Any]:
+    """The ``main`` of ``scripts/<name>.py``, loaded without running it (for in-process runs)."""
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"))["main"]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

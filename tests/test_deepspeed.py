@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo): full and LoRA training with the real pipeline.
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo): full and LoRA training with the real training scripts.
 
 Checks what goes wrong in the wild: ZeRO-3 generation must finish (synced_gpus), the full model must be
 saved consolidated (a plain ``from_pretrained`` folder), and the LoRA adapter must hold the trained values,

@@ -40,16 +40,16 @@ finish(accelerator)
 """
 
 
-#: The real training entry point (what scripts/train_{full,lora}.py run), with save_model wrapped so that each
+#: The real training script (scripts/train_{full,lora}.py's main), with modeling.save_model wrapped so that each
 #: rank first records the trained parameters it holds (gathered under ZeRO-3) in $RANK_DIR/rank<i>.safetensors.
 RECORDING_TRAINER = """
-import contextlib, os, sys
+import contextlib, os, runpy, sys
 from safetensors.torch import save_file
-import dialogsum.pipeline as pipeline
-from dialogsum.cli import run_cli, training_main
+import dialogsum.modeling as modeling
+from dialogsum.cli import run_cli
 from dialogsum.distributed import is_zero3
 
-real_save_model = pipeline.save_model
+real_save_model = modeling.save_model
 
 def recording_save_model(accelerator, model, tokenizer, output_dir):
     unwrapped = accelerator.unwrap_model(model)
@@ -63,9 +63,9 @@ def recording_save_model(accelerator, model, tokenizer, output_dir):
     save_file(tensors, os.path.join(os.environ["RANK_DIR"], f"rank{accelerator.process_index}.safetensors"))
     return real_save_model(accelerator, model, tokenizer, output_dir)
 
-pipeline.save_model = recording_save_model
+modeling.save_model = recording_save_model
 method = sys.argv.pop(1)
-run_cli(training_main(method, ""))
+run_cli(runpy.run_path(os.path.join(os.environ["REPO"], "scripts", f"train_{method}.py"))["main"])
 """
 
 
@@ -79,7 +79,7 @@ def recording_trainer(directory: Path) -> Path:
 def launch_recording(
     config: str, method: str, args: list[str], workdir: Path, launch_args: list[str] | None = None, timeout: int = 400
 ) -> tuple[subprocess.CompletedProcess, list[dict[str, torch.Tensor]]]:
-    """Train with the real pipeline under ``accelerate launch``; return the process and each rank's parameters."""
+    """Train with the real training script in ``accelerate launch``; return the process and each rank's parameters."""
     rank_dir = workdir / "ranks"
     rank_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -93,7 +93,7 @@ def launch_recording(
         method,
         *args,
     ]
-    env = subprocess_env(RANK_DIR=str(rank_dir), TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR)
+    env = subprocess_env(RANK_DIR=str(rank_dir), TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, REPO=str(REPO))
     proc = run_script(cmd, timeout=timeout, env=env)
     ranks = [load_file(str(p)) for p in sorted(rank_dir.glob("rank*.safetensors"))]
     return proc, ranks

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from helpers import script_main
 from safetensors.torch import load_file
-
-from dialogsum.config import parse_config
-from dialogsum.pipeline import run_training
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -38,7 +36,7 @@ def _train(method: str, out: Path, model_dir: Path, data_dir: Path, *extra: str)
         "0",
         *extra,
     ]
-    return run_training(parse_config(argv, method))
+    return script_main(f"train_{method}")(argv)
 
 
 def _losses(out: Path) -> list[float]:

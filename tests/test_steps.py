@@ -1,4 +1,4 @@
-"""Pipeline helpers: output-folder safety, SageMaker result export, split planning."""
+"""Run steps: output-folder safety, SageMaker result export, split planning."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from dialogsum.config import parse_config
 from dialogsum.errors import UserError
-from dialogsum.pipeline import needed_splits
 from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker
+from dialogsum.steps import needed_splits
 
 
 def test_sagemaker_gets_results_but_not_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,285 @@
+"""The steps of a training run that the recipes (``scripts/train_full.py``, ``scripts/train_lora.py``) call in order.
+
+Each step is one named function; the recipes show the order. Order matters for the user: every cheap check
+(flags, output folder, data files, model path, trackers: :func:`check_run`) happens before anything expensive
+(loading weights, tokenizing, training), and nothing already written in ``--output_dir`` is overwritten unless
+asked for. The loop itself is :func:`dialogsum.training.train_loop`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dialogsum.checkpointing import check_compatible, read_state, resolve_resume
+from dialogsum.config import Config
+from dialogsum.data import (
+    LengthGroupedBatchSampler,
+    Seq2SeqCollator,
+    TokenizedDataset,
+    check_data_sources,
+    check_prompt_fits,
+    eval_examples,
+    tokenize_rows,
+)
+from dialogsum.distributed import set_deepspeed_micro_batch, topology
+from dialogsum.errors import UserError
+from dialogsum.evaluation import evaluate_with_config, evaluation_loss
+from dialogsum.files import write_json, write_jsonl
+from dialogsum.modeling import (
+    check_lora_targets,
+    check_model_source,
+    describe_parameters,
+    load_tokenizer,
+    parameter_report,
+)
+from dialogsum.quickstart import build_quickstart_assets
+from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker, start_output_dir
+from dialogsum.tracking import peak_memory_mb, resolve_trackers
+from dialogsum.training import TrainResult, check_mixed_precision
+
+logger = logging.getLogger(__name__)
+
+QUICKSTART_DIR = "quickstart_assets"
+
+# --------------------------------------------------------------------------------------------- before loading
+
+
+@dataclass
+class RunPlan:
+    """What the cheap checks found: where the run writes, where it resumes from, what it reads and logs to."""
+
+    out: Path
+    """The output folder (created)."""
+    resume: Path | None
+    """The checkpoint to resume from, if any."""
+    splits: list[str]
+    """Data splits the run reads."""
+    trackers: list[str] | None
+    """Trackers for ``Accelerator(log_with=...)`` (None: none)."""
+
+    @property
+    def tensorboard_dir(self) -> str:
+        """Where TensorBoard events go."""
+        return str(self.out / "tensorboard")
+
+
+def needed_splits(cfg: Config) -> list[str]:
+    """Which data splits this run reads."""
+    splits = []
+    if cfg.train.do_train:
+        splits.append("train")
+    if cfg.train.do_train and cfg.train.eval_steps:
+        splits.append("validation")
+    if cfg.train.do_eval and cfg.train.eval_split not in splits:
+        splits.append(cfg.train.eval_split)
+    if not splits:
+        raise UserError("nothing to do: both --do_train and --do_eval are false")
+    return splits
+
+
+def check_run(cfg: Config) -> RunPlan:
+    """Every check that needs no model, data or process group: output folder, resume point, data, model, trackers."""
+    t = cfg.train
+    resume = resolve_resume(t.resume_from_checkpoint, t.output_dir or "")
+    # "latest" may write into its folder even before a first checkpoint exists (a restart killed before it)
+    out = check_output_dir(cfg, resuming=resume is not None or t.resume_from_checkpoint == "latest")
+    splits = needed_splits(cfg)
+    if not t.quickstart:
+        check_data_sources(cfg.data, splits)
+        check_model_source(cfg.model.model_name_or_path)
+        if cfg.method == "lora":
+            check_lora_targets(cfg.model.model_name_or_path, cfg.lora)  # from the model config, no weights
+        check_prompt_fits(load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path), cfg.data)
+    trackers = resolve_trackers(cfg.track.report_to) or None
+    start_output_dir(cfg)  # creates it; --overwrite_output_dir: the previous run's files go now
+    return RunPlan(out=out, resume=resume, splits=splits, trackers=trackers)
+
+
+def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
+    """With ``--quickstart``, point the config at the generated tiny model and synthetic data (built once, by
+    the main process); otherwise return ``cfg`` as it is."""
+    if not cfg.train.quickstart:
+        return cfg
+    root = Path(cfg.train.output_dir or ".") / QUICKSTART_DIR
+    with accelerator.main_process_first():
+        model_dir, data_dir = build_quickstart_assets(root, seed=0)
+    if accelerator.device.type == "cpu":
+        # a 64-wide model gains nothing from intra-op threads, and OpenMP threads spinning against other work
+        # on a busy machine made it up to 20x slower: one thread per process
+        torch.set_num_threads(1)
+    data = replace(
+        cfg.data,
+        dataset_name=None,
+        train_file=str(data_dir / "train.jsonl"),
+        validation_file=str(data_dir / "validation.jsonl"),
+        test_file=str(data_dir / "test.jsonl"),
+    )
+    return replace(cfg, model=replace(cfg.model, model_name_or_path=str(model_dir)), data=data)
+
+
+def check_and_seed(cfg: Config, run: RunPlan, accelerator: Any) -> None:
+    """Refuse fp16 with T5 and a checkpoint made with other settings (in seconds, before loading anything); then
+    seed every RNG."""
+    from accelerate.utils import set_seed
+
+    check_mixed_precision(accelerator.mixed_precision, cfg.model.model_name_or_path)
+    if run.resume is not None:
+        check_compatible(read_state(run.resume), cfg, accelerator.num_processes, run.resume)
+    set_seed(cfg.train.seed)
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def write_run_settings(accelerator: Any, cfg: Config, model: torch.nn.Module, out: Path) -> dict[str, Any]:
+    """Log the parameter counts and write ``config.yaml`` and ``parameters.json``; return the counts."""
+    params = parameter_report(model)
+    logger.info(describe_parameters(params))
+    if accelerator.is_main_process:
+        cfg.save(out / "config.yaml")
+        write_json(out / "parameters.json", params)
+    return params
+
+
+def build_dataloaders(
+    cfg: Config, splits: dict[str, list[dict]], tokenizer: Any
+) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader | None]:
+    """Training loader (length-grouped, seeded) and, with ``--eval_steps``, a validation-loss loader (sorted)."""
+    collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id)
+    train_ds, stats = tokenize_rows(splits["train"], tokenizer, cfg.data)
+    logger.info(stats.describe("train"))
+    sampler = LengthGroupedBatchSampler(
+        train_ds.lengths(),
+        cfg.train.per_device_train_batch_size,
+        seed=cfg.train.seed,
+        group_by_length=cfg.data.group_by_length,
+    )
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collator)
+    val_loader = None
+    if "validation" in splits and cfg.train.eval_steps:
+        val_ds, stats = tokenize_rows(splits["validation"], tokenizer, cfg.data)
+        logger.info(stats.describe("validation"))
+        order = sorted(range(len(val_ds)), key=lambda i: val_ds.lengths()[i], reverse=True)
+        sorted_ds = TokenizedDataset([val_ds.input_ids[i] for i in order], [val_ds.labels[i] for i in order])
+        val_loader = DataLoader(sorted_ds, batch_size=cfg.train.per_device_eval_batch_size, collate_fn=collator)
+    return train_loader, sampler, val_loader
+
+
+def build_validation(
+    accelerator: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    val_loader: Any,
+    splits: dict[str, list[dict]],
+    cfg: Config,
+) -> Callable[[int], dict[str, float]] | None:
+    """The periodic evaluation for the loop (``evaluate(step) -> metrics``), or None without ``--eval_steps``."""
+    if val_loader is None:
+        return None
+    examples = None
+    if cfg.train.eval_with_generation:
+        examples = eval_examples(splits["validation"], cfg.data, limit=cfg.data.max_eval_samples)
+    return functools.partial(_validation_metrics, accelerator, model, tokenizer, val_loader, examples, cfg)
+
+
+def _validation_metrics(
+    accelerator: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    val_loader: Any,
+    examples: list | None,
+    cfg: Config,
+    step: int,
+) -> dict[str, float]:
+    metrics = {"eval_loss": evaluation_loss(accelerator, model, val_loader)}
+    if examples is not None:
+        rouge, _ = evaluate_with_config(accelerator, model, tokenizer, examples, cfg, f"eval @ step {step}")
+        metrics.update({f"eval_{k}": rouge[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")})
+    return metrics
+
+
+def prepare_for_evaluation(accelerator: Any, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """``--do_train false``: prepare the starting model alone (DeepSpeed gets the eval batch size)."""
+    set_deepspeed_micro_batch(accelerator, cfg.train.per_device_eval_batch_size)
+    return accelerator.prepare(model)
+
+
+# --------------------------------------------------------------------------------------------- after training
+
+
+def evaluate_run(
+    accelerator: Any, model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[dict]], cfg: Config
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """With ``--do_eval``: generate on ``--eval_split`` and score; returns (scores, one prediction per dialogue)."""
+    t = cfg.train
+    if not t.do_eval:
+        return {}, []
+    limit = cfg.data.max_test_samples if t.eval_split == "test" else cfg.data.max_eval_samples
+    examples = eval_examples(splits[t.eval_split], cfg.data, limit=limit)
+    scores, predictions = evaluate_with_config(
+        accelerator, model, tokenizer, examples, cfg, f"evaluating on {t.eval_split}"
+    )
+    return {**scores, "eval_split": t.eval_split}, predictions
+
+
+def run_metrics(
+    accelerator: Any,
+    cfg: Config,
+    params: dict[str, Any],
+    scores: dict[str, Any],
+    result: TrainResult | None,
+    checkpoint_size_mb: float | None,
+) -> dict[str, Any]:
+    """What ``metrics.json`` holds: scores, training figures, parameters, resources and where it ran."""
+    metrics: dict[str, Any] = {"method": cfg.method, "model_name_or_path": cfg.model.model_name_or_path}
+    metrics.update(scores)
+    if result is not None:
+        metrics.update(result.metrics())
+    metrics.update(params)
+    topo = topology(accelerator)
+    metrics.update(
+        {
+            "checkpoint_size_mb": checkpoint_size_mb,
+            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+            "learning_rate": cfg.learning_rate if cfg.train.do_train else None,
+            "num_processes": topo["num_processes"],
+            "distributed_type": topo["distributed_type"],
+            "mixed_precision": topo["mixed_precision"],
+        }
+    )
+    return metrics
+
+
+def write_results(
+    accelerator: Any, out: Path, cfg: Config, metrics: dict[str, Any], predictions: list[dict[str, Any]]
+) -> None:
+    """Main process: ``metrics.json``, ``predictions.jsonl``, the run report and the model card (and, on
+    SageMaker, a copy of the result files in ``SM_OUTPUT_DATA_DIR``)."""
+    if not accelerator.is_main_process:
+        return
+    from dialogsum.model_card import write_model_card
+    from dialogsum.report import write_run_report
+
+    write_json(out / "metrics.json", metrics)
+    if predictions:
+        write_jsonl(out / "predictions.jsonl", predictions)
+    write_model_card(out, metrics, cfg.to_dict())
+    write_run_report(out)
+    copy_results_for_sagemaker(out)
+    logger.info("results in %s: %s", out, _headline(metrics))
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("rouge1", "rouge2", "rougeL", "rougeLsum") if k in metrics]
+    parts = [f"{k}={100 * metrics[k]:.2f}" for k in keys]
+    if "train_loss" in metrics:
+        parts.append(f"train_loss={metrics['train_loss']:.4f}")
+    return ", ".join(parts)
