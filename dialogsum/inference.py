@@ -445,11 +445,11 @@ def check_output_file(request: SummarizeRequest) -> None:
     check_not_an_input(target, "--output_file", inputs)
     if target.is_dir():
         raise UserError(f"--output_file is a directory: {request.output_file}")
-    if not target.parent.is_dir():
-        raise UserError(f"--output_file folder does not exist: {target.parent}")
     if target.exists() and not request.overwrite_output_file:
         raise UserError(f"--output_file {target} exists; pass --overwrite_output_file to replace it")
     check_can_create(target, "--output_file", kind="file")
+    if not target.parent.is_dir():
+        raise UserError(f"--output_file folder does not exist: {target.parent}")
 
 
 def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:

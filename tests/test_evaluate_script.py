@@ -154,6 +154,33 @@ def test_two_processes_score_every_dialogue_once(assets: dict[str, Path], offici
         assert metrics[protocol] == pytest.approx(single[protocol], abs=1e-12)
 
 
+@pytest.mark.slow
+def test_zero3_loads_the_pretrained_weights(assets: dict[str, Path], official_run: Path, tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-3 with sharded construction (zero3_init_flag: true), 2 CPU processes: the model is loaded
+    whole after the Accelerator exists (modeling.whole_model_loading, as in training) and sharded by prepare, so
+    the predictions are the single process's (sharded construction alone would drop the pretrained values)."""
+    pytest.importorskip("deepspeed")
+    from test_distributed import TORCH_EXTENSIONS_DIR
+
+    config = yaml.safe_load((REPO / "accelerate_configs" / "deepspeed_zero3.yaml").read_text())
+    config["deepspeed_config"]["zero3_init_flag"] = True
+    config_file = tmp_path / "zero3_init.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    out = tmp_path / "zero3"
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)),
+        *("--num_processes", "2", "--mixed_precision", "no", str(SCRIPT)),
+        *("--model_name_or_path", str(assets["model"]), "--test_file", str(assets["official"])),
+        *("--output_dir", str(out), *FLAGS),
+    ]
+    env = subprocess_env(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR)
+    result = run_script(command, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distributed_type"] == "DEEPSPEED" and metrics["num_processes"] == 2
+    assert [r["prediction"] for r in read_predictions(out)] == [r["prediction"] for r in read_predictions(official_run)]
+
+
 def _save_adapter(model_dir: Path, adapter_dir: Path) -> None:
     from dialogsum.modeling import apply_lora, load_model
 
