@@ -139,3 +139,61 @@ def test_help_documents_every_flag() -> None:
     ):
         assert flag in proc.stdout
     assert LAB_PROMPT.splitlines()[0] in proc.stdout.replace("\n", " ") or "prompt" in proc.stdout
+
+
+def _from_yaml(tmp_path: Path, text: str, *argv: str, method: str = "lora"):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: o\n" + text)
+    return parse_config(["--config", str(config), *argv], method)
+
+
+def test_yaml_values_are_parsed_like_flags(tmp_path: Path) -> None:
+    """Issue 15: a YAML value means what the same text after its flag means (PyYAML's own typing aside)."""
+    cfg = _from_yaml(tmp_path, 'lora_target_modules: wo\nlearning_rate: 1e-3\nmax_train_steps: "5"\ndo_train: "no"\n')
+    assert cfg.lora.lora_target_modules == ["wo"]  # one name, not the letters w and o
+    assert cfg.train.learning_rate == 1e-3  # PyYAML reads 1e-3 as a string
+    assert cfg.train.max_train_steps == 5 and cfg.train.do_train is False
+    assert _from_yaml(tmp_path, "tokenizer_name: null\nwarmup_ratio: 0\n").train.warmup_ratio == 0.0
+    assert _from_yaml(
+        tmp_path, "lora_target_modules: [q, k]\n", "--lora_target_modules", "v"
+    ).lora.lora_target_modules == ["v"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_train_steps: 2.7\n", "max_train_steps: invalid int value: '2.7'"),
+        ("max_train_steps: true\n", "max_train_steps expects an integer, got true"),
+        ("run_name: yes\n", "run_name expects text, got true (quote it if you mean the text)"),
+        ("do_train: maybe\n", "do_train: Truthy value expected: got maybe"),
+        ("lora_target_modules: [q, [v]]\n", "lora_target_modules expects a list of text values, got a list"),
+        ("per_device_train_batch_size: null\n", "per_device_train_batch_size expects an integer, got nothing (null)"),
+        ("learning_rat: 0.1\n", "unknown key(s) learning_rat"),
+    ],
+)
+def test_yaml_values_the_flag_would_refuse(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _from_yaml(tmp_path, text)
+    assert message in str(info.value) and str(tmp_path / "run.yaml") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--length_penalty", "nan"], "--length_penalty must be a finite number, got nan"),
+        (["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number, got inf"),
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass only one of them"),
+    ],
+)
+def test_values_that_make_no_sense(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--output_dir", "o", *argv], "full")
+    assert message in str(info.value)
+
+
+def test_switches_take_the_hf_forms() -> None:
+    """HfArgumentParser's forms: a bare switch, an explicit value, and --no_<name> for those on by default."""
+    cfg = parse_config(["--output_dir", "o", "--strict", "--no_do_eval", "--group_by_length", "false"], "full")
+    assert cfg.data.strict is True and cfg.train.do_eval is False and cfg.data.group_by_length is False

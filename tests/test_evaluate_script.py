@@ -154,6 +154,19 @@ def test_two_processes_score_every_dialogue_once(assets: dict[str, Path], offici
         assert metrics[protocol] == pytest.approx(single[protocol], abs=1e-12)
 
 
+def test_overwrite_replaces_the_previous_results_only(assets: dict[str, Path], tmp_path: Path) -> None:
+    """--overwrite_output_dir: a previous run's files (results, checkpoints, card) go; a user's own file stays."""
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "report.md").write_text("an older run")
+    (out / "README.md").write_text("an older card")
+    (out / "notes.txt").write_text("mine")
+    metrics = evaluate(assets, assets["official"], out, "--overwrite_output_dir")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.yaml", "metrics.json", "notes.txt", "predictions.jsonl"]
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
 @pytest.mark.slow
 def test_zero3_loads_the_pretrained_weights(assets: dict[str, Path], official_run: Path, tmp_path: Path) -> None:
     """DeepSpeed ZeRO-3 with sharded construction (zero3_init_flag: true), 2 CPU processes: the model is loaded

@@ -1,7 +1,8 @@
 """Guards of a training run, in real processes: diverged (NaN/inf) states are never saved and the last good
 checkpoint survives; a full disk fails clearly and leaves the previous checkpoint intact.
 
-(fp16 with T5, a non-empty --output_dir and ``latest`` without a checkpoint are in test_bad_input.py.)
+(fp16 with T5 and a non-empty --output_dir are in test_bad_input.py; ``latest`` without a checkpoint, damaged
+checkpoint files and --overwrite_output_dir in test_hostile_inputs.py.)
 """
 
 from __future__ import annotations
