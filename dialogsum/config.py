@@ -288,7 +288,7 @@ def _flag_class(section: str, cls: type, names: tuple[str, ...] | None) -> type:
         for f in dataclasses.fields(cls)
         if names is None or f.name in names
     ]
-    doc = (cls.__doc__ or "").strip()
+    doc = (cls.__doc__ or "").strip().rstrip(".")
     return dataclasses.make_dataclass(
         cls.__name__, fields, namespace={"_argument_group_name": f"{section}: {doc}" if doc else section}
     )

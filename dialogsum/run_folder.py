@@ -59,7 +59,9 @@ RUN_FILE_PATTERN = re.compile(
     r"^(checkpoint-\d+(\.(tmp|deleting|replaced))?|model-\d+-of-\d+\.safetensors|pytorch_model.*\.bin)$"
 )
 #: What a run killed before its first checkpoint may have left (besides its config.yaml and parameters.json).
-_TRANSIENT = re.compile(r"^(checkpoint-\d+\.(tmp|deleting|replaced)|tensorboard|wandb|quickstart_assets)$")
+_TRANSIENT = re.compile(
+    r"^(checkpoint-\d+\.(tmp|deleting|replaced)|tensorboard|wandb|quickstart_assets|\.overwritten-.*|\.dialogsum-probe-.*)$"
+)
 #: Where --overwrite_output_dir moves the previous run's files before deleting them.
 _TRASH_PREFIX = ".overwritten-"
 
@@ -250,9 +252,15 @@ def clear_previous_run(out: Path) -> list[str]:
     )
     if not names:
         return []
-    trash = Path(tempfile.mkdtemp(dir=out, prefix=_TRASH_PREFIX))
-    for name in names:
-        os.replace(out / name, trash / name)
+    try:
+        trash = Path(tempfile.mkdtemp(dir=out, prefix=_TRASH_PREFIX))
+        for name in names:
+            os.replace(out / name, trash / name)
+    except OSError as exc:
+        raise UserError(
+            f"--overwrite_output_dir: could not move the previous run's files out of {out} "
+            f"({exc.strerror or exc}: {exc.filename}); nothing of the new run was written"
+        ) from exc
     shutil.rmtree(trash, ignore_errors=True)
     return names
 
