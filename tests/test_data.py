@@ -17,6 +17,7 @@ from dialogsum.data import (
     LengthGroupedBatchSampler,
     Seq2SeqCollator,
     build_prompt,
+    check_prompt_fits,
     eval_examples,
     load_splits,
     padding_fraction,
@@ -190,3 +191,62 @@ def test_official_and_flattened_test_sets_give_the_same_examples() -> None:
     assert [(e.id, e.dialogue, e.references) for e in a] == [(e.id, e.dialogue, e.references) for e in b]
     assert a[1].references == ["d", "e", "f"]
     assert len(eval_examples(flattened, args, limit=1)) == 1
+
+
+def test_csv_rows_must_match_the_header(tmp_path: Path) -> None:
+    good = tmp_path / "good.csv"
+    good.write_text('dialogue,summary\n"#Person1#: Hi,\nthere.",greeting\n\n"b",c\n')
+    assert read_rows(good) == [
+        {"dialogue": "#Person1#: Hi,\nthere.", "summary": "greeting"},
+        {"dialogue": "b", "summary": "c"},
+    ]
+    semicolon = tmp_path / "semicolon.csv"
+    semicolon.write_text("dialogue;summary\nhi, there;a greeting\n")
+    with pytest.raises(UserError, match=r"line 2 has 2 field\(s\) but the header has 1 \(it looks separated"):
+        read_rows(semicolon)
+    short = tmp_path / "short.csv"
+    short.write_text('dialogue,summary,topic\na,b,c\n"d\ne",f\n')
+    with pytest.raises(UserError, match=r"short.csv: line 4 has 2 field\(s\) but the header has 3$"):
+        read_rows(short)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"fname": "c", "dialogue": 42, "summary": "s"}, "row 3 has a number (42) in 'dialogue', expected text"),
+        ({"fname": "c", "dialogue": "d", "summary": False}, "row 3 has a boolean (false) in 'summary', expected text"),
+        ({"fname": "c", "dialogue": ["a"], "summary": "s"}, "row 3 has a list in 'dialogue', expected text"),
+        ({"fname": "c", "summary": "s"}, "row 3 has no 'dialogue' key (other rows have it)"),
+    ],
+)
+def test_cells_that_are_not_text_are_named(tmp_path: Path, row: dict, message: str) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS, row]))
+    with pytest.raises(UserError, match=None) as info:
+        load_splits(DataArguments(train_file=str(path)), ["train"])
+    assert message in str(info.value)
+
+
+def test_a_column_missing_from_the_first_row_only_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"fname": "z", "summary": "s"}, *ROWS]))
+    with pytest.raises(UserError, match="row 1 has no 'dialogue' key"):
+        load_splits(DataArguments(train_file=str(path)), ["train"])
+
+
+def test_different_dialogues_may_not_share_an_id(tmp_path: Path) -> None:
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({**r, "fname": "same"}) + "\n" for r in ROWS))
+    with pytest.raises(UserError, match="dialogues 1 and 2 are different but share the id 'same'"):
+        load_splits(DataArguments(test_file=str(path)), ["test"])
+    load_splits(DataArguments(train_file=str(path)), ["train"])  # training rows are not matched by id
+
+
+def test_the_prompt_template_must_leave_room_for_a_dialogue(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    args = DataArguments(max_source_length=64)
+    template = check_prompt_fits(tokenizer, args)
+    tight = DataArguments(max_source_length=template)
+    with pytest.raises(UserError, match=f"--max_source_length {template} leaves no room for the dialogue"):
+        tokenize_rows(ROWS, tokenizer, tight)
+    assert check_prompt_fits(tokenizer, DataArguments(max_source_length=template + 1)) == template
