@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,10 @@ WALL_LIMIT_S = 120.0
 
 @dataclass
 class Case:
-    """One bad-input run: script, flags, environment changes, and what the user must get back."""
+    """One bad-input run: script, flags, environment changes, and what the user must get back.
+
+    (The fields after ``drop_env`` are used by test_hostile_inputs.py.)
+    """
 
     script: str
     args: list[str]
@@ -35,6 +39,14 @@ class Case:
     exit_code: int = 1
     env: dict[str, str] = field(default_factory=dict)
     drop_env: tuple[str, ...] = ()
+    unchanged: list[Path] = field(default_factory=list)
+    """Files or folders the run must leave byte for byte as they were."""
+    absent: list[Path] = field(default_factory=list)
+    """Paths the run must not create."""
+    check: Callable[[subprocess.CompletedProcess], None] | None = None
+    """A further check of the finished process."""
+    then: list[str] | None = None
+    """Flags of a second run of the same script once the first succeeded (two-step cases)."""
 
 
 @dataclass

@@ -17,13 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from helpers import REPO, subprocess_env
+from test_bad_input import Case
 
 #: Flags of every training run here: the quick-start tiny T5 and data, a few steps, no tracker.
 TRAIN_FLAGS = (
@@ -42,21 +42,6 @@ TRAIN_FLAGS = (
     "--report_to",
     "none",
 )
-
-
-@dataclass
-class Case:
-    """One hostile run: script and flags; what it must print; which files it must leave unchanged."""
-
-    script: str
-    args: list[str]
-    expect: list[str]
-    exit_code: int = 1
-    unchanged: list[Path] = field(default_factory=list)
-    absent: list[Path] = field(default_factory=list)
-    check: Callable[[subprocess.CompletedProcess], None] | None = None
-    then: list[str] | None = None
-    """For the two-step cases: flags of a second run of the same script, after the first succeeded."""
 
 
 def _sha256_tree(paths: list[Path]) -> dict[str, str]:
@@ -95,7 +80,7 @@ def _cut(path: Path) -> None:
         fh.truncate(size // 2)
 
 
-def _lora_run(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+def _run_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
         *("--model_name_or_path", str(model_dir), "--output_dir", str(out)),
         *("--train_file", str(data_dir / "train.jsonl"), "--test_file", str(data_dir / "test.jsonl")),
@@ -110,7 +95,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tu
     model_dir, data_dir = quickstart_assets
     out = tmp_path_factory.mktemp("hostile_run") / "run"
     proc = _run(
-        "train_lora.py", _lora_run(model_dir, data_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1")
+        "train_lora.py", _run_args(model_dir, data_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1")
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint-2").is_dir() and (out / "metrics.json").is_file()
@@ -144,6 +129,9 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
             *("--output_dir", str(fresh("eval")), "--max_new_tokens", "8"),
             *override,
         ]
+
+    def summarize(*extra: str, model: Path = model_dir, source: Path | None = None) -> list[str]:
+        return ["--model_name_or_path", str(model), "--input_file", str(source or dialogues), *extra]
 
     def copy_of_run(name: str) -> Path:
         return Path(shutil.copytree(run, root / name))
@@ -235,48 +223,38 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         # ---- 1: summarize.py output safety
         "summarize: output is the input": Case(
             "summarize.py",
-            ["--model_name_or_path", str(model_dir), "--input_file", str(dialogues), "--output_file", str(dialogues)],
+            summarize("--output_file", str(dialogues)),
             [f"--output_file {dialogues} is the --input_file", "never writes where its inputs are"],
             unchanged=[dialogues],
         ),
         "summarize: output is a link to the input": Case(
             "summarize.py",
-            [
-                *("--model_name_or_path", str(model_dir), "--input_file", str(dialogues)),
-                *("--output_file", str(files / "link.jsonl"), "--overwrite_output_file"),
-            ],
+            summarize("--output_file", str(files / "link.jsonl"), "--overwrite_output_file"),
             [f"--output_file {files / 'link.jsonl'} is the --input_file {dialogues}"],
             unchanged=[dialogues],
         ),
         "summarize: output exists": Case(
             "summarize.py",
-            ["--model_name_or_path", str(model_dir), "--input_file", str(dialogues), "--output_file", str(earlier)],
+            summarize("--output_file", str(earlier)),
             [f"--output_file {earlier} exists; pass --overwrite_output_file to replace it"],
             unchanged=[earlier, dialogues],
         ),
         "summarize: output inside the model folder": Case(
             "summarize.py",
-            [
-                *("--model_name_or_path", str(model_copy), "--input_file", str(dialogues)),
-                *("--output_file", str(model_copy / "config.json"), "--overwrite_output_file"),
-            ],
+            summarize("--output_file", str(model_copy / "config.json"), "--overwrite_output_file", model=model_copy),
             ["is inside the --model_name_or_path"],
             unchanged=[model_copy],
         ),
         # ---- 2: latest into another run's folder
         "latest into a finished run without checkpoints": Case(
             "train_full.py",
-            [
-                *("--model_name_or_path", str(model_dir), "--output_dir", str(finished)),
-                *("--train_file", good["train"], "--test_file", good["test"], *TRAIN_FLAGS),
-                *("--max_train_steps", "1", "--resume_from_checkpoint", "latest"),
-            ],
+            _run_args(model_dir, data_dir, finished, "--max_train_steps", "1", "--resume_from_checkpoint", "latest"),
             [f"--output_dir {finished} holds a finished run (metrics.json) and no checkpoint to continue from"],
             unchanged=[finished],
         ),
         "latest over another run's leftovers": Case(
             "train_lora.py",
-            _lora_run(
+            _run_args(
                 model_dir,
                 data_dir,
                 other_leftovers,
@@ -292,7 +270,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "latest over this same run's leftovers (trains)": Case(
             "train_lora.py",
-            _lora_run(
+            _run_args(
                 model_dir,
                 data_dir,
                 leftovers,
@@ -329,18 +307,12 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         # ---- 4: overwrite clears the old run; the new run's latest resumes from its own checkpoint
         "overwrite clears the previous run (trains, then resumes)": Case(
             "train_full.py",
-            [
-                *("--model_name_or_path", str(model_dir), "--output_dir", str(overwritten), "--overwrite_output_dir"),
-                *("--train_file", good["train"], "--test_file", good["test"], *TRAIN_FLAGS),
-                *("--max_train_steps", "1", "--checkpointing_steps", "1"),
-            ],
+            _run_args(model_dir, data_dir, overwritten, "--max_train_steps", "1", "--checkpointing_steps", "1")
+            + ["--overwrite_output_dir"],
             [],
             exit_code=0,
-            then=[
-                *("--model_name_or_path", str(model_dir), "--output_dir", str(overwritten)),
-                *("--train_file", good["train"], "--test_file", good["test"], *TRAIN_FLAGS),
-                *("--max_train_steps", "2", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"),
-            ],
+            then=_run_args(model_dir, data_dir, overwritten, "--max_train_steps", "2", "--checkpointing_steps", "1")
+            + ["--resume_from_checkpoint", "latest"],
             check=overwrote_cleanly,
         ),
         # ---- 5: YAML values go through the flags' own parsing
@@ -384,13 +356,13 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "csv: ';' read as ',' (summarize)": Case(
             "summarize.py",
-            ["--model_name_or_path", str(model_dir), "--input_file", str(semicolon)],
+            summarize(source=semicolon),
             ["line 2 has ", "field(s) but the header has 1"],
         ),
         # ---- 7: damaged checkpoints and weights
         "checkpoint weights cut short": Case(
             "train_lora.py",
-            _lora_run(model_dir, data_dir, cut_weights, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"),
+            _run_args(model_dir, data_dir, cut_weights, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"),
             [
                 f"checkpoint {cut_weights / 'checkpoint-2'} is damaged: model.safetensors is cut short or corrupt",
                 f"the previous complete checkpoint is {cut_weights / 'checkpoint-1'}",
@@ -399,7 +371,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "checkpoint rng state cut short": Case(
             "train_lora.py",
-            _lora_run(
+            _run_args(
                 model_dir,
                 data_dir,
                 cut_rng,
@@ -421,7 +393,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "model weights cut short": Case(
             "summarize.py",
-            ["--model_name_or_path", str(cut_model), "--input_file", str(dialogues)],
+            summarize(model=cut_model),
             [f"{cut_model / 'model.safetensors'} is cut short or corrupt"],
         ),
         # ---- 8: seeds numpy cannot take
@@ -442,19 +414,12 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "summarize output_file under a file": Case(
             "summarize.py",
-            [
-                "--model_name_or_path",
-                str(model_dir),
-                "--input_file",
-                str(dialogues),
-                "--output_file",
-                str(a_file / "s.jsonl"),
-            ],
+            summarize("--output_file", str(a_file / "s.jsonl")),
             [f"--output_file {a_file / 's.jsonl'} cannot be created: {a_file} is a file, not a folder"],
         ),
         "summarize output_file in /proc": Case(
             "summarize.py",
-            ["--model_name_or_path", str(model_dir), "--input_file", str(dialogues), "--output_file", "/proc/s.jsonl"],
+            summarize("--output_file", "/proc/s.jsonl"),
             ["--output_file /proc/s.jsonl cannot be created"],
         ),
         # ---- 10: messages that say what is wrong
@@ -470,7 +435,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "an object as the dialogue": Case(
             "summarize.py",
-            ["--model_name_or_path", str(model_dir), "--input_file", str(files / "object.jsonl")],
+            summarize(source=files / "object.jsonl"),
             ["row 1 has an object in 'dialogue', expected text"],
         ),
         "a folder as a data file": Case(
@@ -519,7 +484,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         ),
         "max_source_length below the template (summarize)": Case(
             "summarize.py",
-            ["--model_name_or_path", str(model_dir), "--input_file", str(dialogues), "--max_source_length", "5"],
+            summarize("--max_source_length", "5"),
             ["--max_source_length 5 leaves no room for the dialogue"],
         ),
         "LoRA rank above the layer size": Case(
