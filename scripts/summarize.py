@@ -5,7 +5,8 @@
         --input_file dialogues.jsonl --output_file summaries.jsonl
 
 Input: one dialogue as text (a file or stdin), or a .jsonl/.json/.csv/.parquet file with one per row.
-Output: JSON lines {"id", "summary"}, batched like evaluation.
+Output: JSON lines {"id", "summary"}, batched like evaluation. The output is never written onto the input (or
+into the model or adapter folder), and an existing --output_file is replaced only with --overwrite_output_file.
 """
 
 from collections.abc import Sequence
