@@ -98,14 +98,14 @@ class TrainState:
     """World size of the run (the batch order depends on it)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     """Settings a resumed run must share (see RESUME_KEYS)."""
-    window_micro_batches: int = 0
-    """Micro-batches per process in the current log window."""
+    window_targets: int = 0
+    """Target (summary) tokens (all processes) in the current log window: the token-weighted loss's divisor."""
     window_tokens: int = 0
     """Real tokens (all processes) in the current log window."""
     window_samples: int = 0
     """Examples (all processes) in the current log window."""
-    total_micro_batches: int = 0
-    """Micro-batches per process since the start of training."""
+    total_targets: int = 0
+    """Target (summary) tokens (all processes) since the start of training."""
     total_tokens: int = 0
     """Real tokens (all processes) logged since the start of training."""
     total_samples: int = 0

@@ -1,17 +1,24 @@
 """The training loop, shared by full fine-tuning and LoRA, and the pieces it is made of.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process:
+One optimizer step = a window of ``gradient_accumulation_steps`` micro-batches on every process:
 8 per device x 4 accumulation x 2 processes = 64 examples per optimizer step. The learning-rate schedule is
 built in optimizer steps and stepped here exactly once per optimizer step (it is deliberately not passed to
 ``accelerator.prepare``, whose wrapper would step it once per process).
 
-:func:`train_loop` reads top to bottom; what it needs around the step lives in three small objects:
-:class:`TrainBatches` (the batches from where the run stands, exact resume included), :class:`LogWindow`
+The loss of an optimizer step is token-weighted: the sum of the per-token losses of every micro-batch of the
+window on every process, divided by the window's target (summary) tokens on all processes. A micro-batch with
+400 summary tokens therefore weighs ten times one with 40, and ``8 per device x 1 x 1``, ``4 x 2 accumulation``
+and ``4 x 1 x 2 processes`` take the same optimizer step (a mean of per-micro-batch means would not). The window
+is drawn before its first backward pass, so its token count is known (one small all-reduce per step).
+
+:func:`train_loop` reads top to bottom; what it needs around the step lives in small objects:
+:class:`TrainBatches` (the windows from where the run stands, exact resume included), :class:`LogWindow`
 (running sums on the device -> one log event) and :class:`Checkpointer` (saves, never a diverged state).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -167,8 +174,8 @@ def train_loop(
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     batches = TrainBatches(accelerator, train_loader, sampler, state, resume_from)
-    window = LogWindow(accelerator, state, resume_from, t.output_dir)
-    saver = Checkpointer(accelerator, cfg, state, window, params)
+    log = LogWindow(accelerator, state, resume_from, t.output_dir)
+    saver = Checkpointer(accelerator, cfg, state, log, params)
     history = History(accelerator, t.output_dir, keep_from_step=state.step)
     every = int(t.checkpointing_steps) if str(t.checkpointing_steps).isdigit() else 0
     progress = tqdm(
@@ -177,23 +184,26 @@ def train_loop(
     stopped_early = False
     model.train()
     try:
-        for batch, ends_epoch in batches:
-            num_tokens = batch.pop("num_tokens")  # real prompt + summary tokens, for throughput
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    window.grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.add(loss, num_tokens, batch["input_ids"].shape[0])
-            if not accelerator.sync_gradients:
-                continue
+        for window, ends_epoch in batches:
+            targets, weights, window_targets = token_weights(accelerator, window)  # one all-reduce
+            for i, batch in enumerate(window):
+                last = i == len(window) - 1
+                accelerator.sync_gradients = last  # DDP syncs, DeepSpeed and the optimizer step after the last only
+                num_tokens = batch.pop("num_tokens")  # real prompt + summary tokens, for throughput
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    loss = model(**batch).loss  # mean over this micro-batch's target tokens
+                    accelerator.backward(loss * weights[i])
+                log.add(loss * targets[i], num_tokens, batch["input_ids"].shape[0])
+            if t.max_grad_norm > 0:
+                log.grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # once per optimizer step, whatever the number of processes
+            log.end_step(window_targets)
             state.step += 1
             progress.update(1)
             if state.step % t.logging_steps == 0 or state.step == total_steps:
-                event = window.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0])
+                event = log.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0])
                 history.write(event, "train")
                 progress.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['learning_rate']:.2e}")
             if evaluate is not None and t.eval_steps and state.step % t.eval_steps == 0:
@@ -206,16 +216,16 @@ def train_loop(
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 if t.checkpointing_steps == "epoch":
                     saver.save()
-        if window.micro_batches:  # steps after the last log line (early stopping)
-            history.write(window.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0]), "train")
+        if log.pending():  # steps after the last log line (early stopping)
+            history.write(log.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0]), "train")
     finally:
         progress.close()  # the bar's line ends before any error message
     return TrainResult(
         state=state,
-        train_loss=window.mean_train_loss(),
-        runtime_s=window.elapsed_s(),
-        samples=window.total_samples,
-        real_tokens=window.total_tokens,
+        train_loss=log.mean_train_loss(),
+        runtime_s=log.elapsed_s(),
+        samples=log.total_samples,
+        real_tokens=log.total_tokens,
         stopped_early=stopped_early,
         history=history.events,
     )
@@ -253,10 +263,12 @@ def _periodic_eval(
 
 
 class TrainBatches:
-    """This process's training micro-batches from where ``state`` stands, epoch after epoch (no end).
+    """This process's training micro-batches from where ``state`` stands, in accumulation windows, epoch after
+    epoch (no end).
 
-    Yields ``(batch, ends_epoch)`` and counts ``state.batches_in_epoch``; the loop moves ``state.epoch`` on after
-    an epoch's last batch. Resuming from a checkpoint, its RNG states are put back at the point of the loop where
+    Yields ``(window, ends_epoch)``: ``gradient_accumulation_steps`` micro-batches (fewer at an epoch's end, where
+    a window is cut short), and counts ``state.batches_in_epoch``; the loop moves ``state.epoch`` on after an
+    epoch's last window. Resuming from a checkpoint, its RNG states are put back at the point of the loop where
     they were saved, and the batches already trained on in the current epoch are drawn and dropped (collation
     only, no model work): with several processes, accelerate's sharder tops up an epoch's last batches from its
     first ones, so the whole epoch must pass through it for the shards to come out as they did.
@@ -287,7 +299,8 @@ class TrainBatches:
             load_rng(self.resume_from, self.accelerator.process_index)
             self.resume_from = None
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    def __iter__(self) -> Iterator[tuple[list[dict[str, torch.Tensor]], bool]]:
+        size = self.accelerator.gradient_accumulation_steps
         while True:
             state = self.state
             # accelerate's prepared loader calls set_epoch(<its own iteration count>) on the sampler when
@@ -300,26 +313,49 @@ class TrainBatches:
                 # at an epoch start the uninterrupted run saved before this epoch's loader started (one RNG draw)
                 self._restore_rng()
             last = len(self.loader) - 1
+            window: list[dict[str, torch.Tensor]] = []
             for index, batch in enumerate(self.loader):
                 if index < skip:
                     continue
                 # mid-epoch the loader had started before the save: restore only now that it has
                 self._restore_rng()
                 state.batches_in_epoch += self.world
-                yield batch, index == last
+                window.append(batch)
+                if len(window) == size or index == last:
+                    yield window, index == last
+                    window = []
 
 
 def _sum_over_processes(accelerator: Any, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values, reduction="sum") if accelerator.num_processes > 1 else values
 
 
+def token_weights(
+    accelerator: Any, window: list[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target tokens of each micro-batch, the weight of each micro-batch's mean loss, the window's target tokens.
+
+    With ``n_i`` target tokens in micro-batch ``i`` and ``N`` in the whole window on all processes (one
+    all-reduce), the window's loss is ``sum_i mean_loss_i * n_i / N``. ``backward`` divides each loss by
+    ``gradient_accumulation_steps`` (accelerate does, or under DeepSpeed the engine itself) and the processes'
+    gradients are averaged (DDP, FSDP, ZeRO): the weight is ``n_i * accumulation * processes / N``. It is computed
+    in float64, so that it is exactly 1 for one micro-batch on one process.
+    """
+    targets = torch.stack([(batch["labels"] != -100).sum() for batch in window])
+    total = _sum_over_processes(accelerator, targets.sum())
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    weights = (targets.double() * scale / total.clamp_min(1).double()).float()
+    return targets, weights, total
+
+
 class LogWindow:
     """Running sums of the log window (since the last log line) and of the run; one log event per window.
 
     Sums stay on the device, so no step waits for the host; :meth:`close` reduces them over processes once
-    per log line. Loss sums are each process's own (one mean loss per micro-batch); real-token and sample
-    counts saved in a checkpoint are already summed over processes and come back on the main process only, so
-    a resumed run's log lines and ``train_loss`` are those of the uninterrupted run.
+    per log line. The loss is token-weighted: each process sums the per-token losses of its micro-batches, and
+    the window's target tokens (all processes) divide their total. Real-token and sample counts saved in a
+    checkpoint are already summed over processes and come back on the main process only, so a resumed run's log
+    lines and ``train_loss`` are those of the uninterrupted run.
     """
 
     def __init__(self, accelerator: Any, state: TrainState, resume_from: Path | None, output_dir: str) -> None:
@@ -327,25 +363,32 @@ class LogWindow:
         saved = load_process_state(resume_from, accelerator.process_index) if resume_from is not None else {}
         device, main = accelerator.device, accelerator.is_main_process
         self.loss = torch.tensor(saved.get("window_loss", 0.0), device=device, dtype=torch.float32)
-        self.micro_batches = state.window_micro_batches
+        self.targets = torch.tensor(state.window_targets, device=device, dtype=torch.long)  # all processes
         self.tokens = torch.tensor(state.window_tokens if main else 0, device=device, dtype=torch.long)
         self.samples = state.window_samples if main else 0
         self.total_loss = torch.tensor(saved.get("total_loss", 0.0), device=device, dtype=torch.float64)
-        self.total_micro_batches = state.total_micro_batches
+        self.total_targets = torch.tensor(state.total_targets, device=device, dtype=torch.long)
         self.total_tokens, self.total_samples = state.total_tokens, state.total_samples
         self.grad_norm: Any = None
         self.started = self.window_started = time.perf_counter()
         self.elapsed_before = state.elapsed_s
 
-    def add(self, loss: torch.Tensor, num_tokens: torch.Tensor, samples: int) -> None:
-        """Count one micro-batch of this process."""
-        loss = loss.detach()
-        self.loss += loss.float()
-        self.total_loss += loss.double()
-        self.micro_batches += 1
-        self.total_micro_batches += 1
+    def add(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor, samples: int) -> None:
+        """Count one micro-batch of this process: the sum of its per-token losses, its real tokens and examples."""
+        loss_sum = loss_sum.detach()
+        self.loss += loss_sum.float()
+        self.total_loss += loss_sum.double()
         self.tokens += num_tokens
         self.samples += samples
+
+    def end_step(self, targets: torch.Tensor) -> None:
+        """Count an optimizer step's target tokens (all processes)."""
+        self.targets += targets
+        self.total_targets += targets
+
+    def pending(self) -> bool:
+        """Whether steps were counted since the last log event."""
+        return bool(self.targets.item())
 
     def close(self, step: int, epoch: float, learning_rate: float) -> dict[str, Any]:
         """The window's log event, reduced over processes (every process calls this); a new window starts."""
@@ -353,15 +396,16 @@ class LogWindow:
         elapsed = max(time.perf_counter() - self.window_started, 1e-9)
         sums = torch.stack([self.loss.float(), self.tokens.float(), torch.tensor(float(self.samples), device=device)])
         sums = _sum_over_processes(self.accelerator, sums)
-        mean_loss = sums[0].item() / max(self.micro_batches * self.accelerator.num_processes, 1)
+        mean_loss = sums[0].item() / max(int(self.targets.item()), 1)
         if not math.isfinite(mean_loss):
             raise diverged(f"loss became {mean_loss}", step, self.output_dir)
         tokens, samples = int(sums[1].item()), int(sums[2].item())
         self.total_tokens += tokens
         self.total_samples += samples
         self.loss = torch.zeros((), device=device)
+        self.targets = torch.zeros((), device=device, dtype=torch.long)
         self.tokens = torch.zeros((), device=device, dtype=torch.long)
-        self.micro_batches = self.samples = 0
+        self.samples = 0
         self.window_started = time.perf_counter()
         return {
             "step": step,
@@ -377,7 +421,7 @@ class LogWindow:
     def save_to(self, state: TrainState, tokens: int, samples: int) -> dict[str, float]:
         """Put the sums into ``state`` (``tokens``/``samples``: the window's counts over all processes); return
         this process's own loss sums, saved with its RNG states."""
-        state.window_micro_batches, state.total_micro_batches = self.micro_batches, self.total_micro_batches
+        state.window_targets, state.total_targets = int(self.targets.item()), int(self.total_targets.item())
         state.window_tokens, state.window_samples = tokens, samples
         state.total_tokens, state.total_samples = self.total_tokens, self.total_samples
         state.elapsed_s = self.elapsed_s()
@@ -388,9 +432,9 @@ class LogWindow:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def mean_train_loss(self) -> float:
-        """Mean loss of the whole training: mean over processes of per-process micro-batch means (collective)."""
-        mean = self.total_loss / max(self.total_micro_batches, 1)
-        return float(_sum_over_processes(self.accelerator, mean) / self.accelerator.num_processes)
+        """Token-weighted mean loss of the whole training, over all processes (a collective)."""
+        total = _sum_over_processes(self.accelerator, self.total_loss)
+        return float(total / max(int(self.total_targets.item()), 1))
 
 
 def diverged(where: str, step: int, output_dir: str) -> UserError:
@@ -408,28 +452,28 @@ class Checkpointer:
     """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones."""
 
     def __init__(
-        self, accelerator: Any, cfg: Config, state: TrainState, window: LogWindow, params: list[torch.nn.Parameter]
+        self, accelerator: Any, cfg: Config, state: TrainState, log: LogWindow, params: list[torch.nn.Parameter]
     ) -> None:
-        self.accelerator, self.cfg, self.state, self.window, self.params = accelerator, cfg, state, window, params
+        self.accelerator, self.cfg, self.state, self.log, self.params = accelerator, cfg, state, log, params
         self.last_saved = -1
         if accelerator.is_main_process:
             remove_leftovers(cfg.train.output_dir)  # partial folders of a run killed while saving
 
     def save(self) -> None:
         """Write a checkpoint of the current step (every process calls this)."""
-        accelerator, state, window, t = self.accelerator, self.state, self.window, self.cfg.train
+        accelerator, state, log, t = self.accelerator, self.state, self.log, self.cfg.train
         if state.step == self.last_saved:  # e.g. a best-metric save and a scheduled save at the same step
             return
         # the window's losses and the weights themselves must be finite on every process (one all-reduce)
         finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-        samples = torch.tensor(float(window.samples), device=accelerator.device, dtype=torch.float64)
-        sums = torch.stack([window.loss.double(), window.tokens.double(), samples, finite.double()])
+        samples = torch.tensor(float(log.samples), device=accelerator.device, dtype=torch.float64)
+        sums = torch.stack([log.loss.double(), log.tokens.double(), samples, finite.double()])
         sums = _sum_over_processes(accelerator, sums)
         if not math.isfinite(sums[0].item()):
             raise diverged("loss is not finite (not saving this state)", state.step, t.output_dir)
         if sums[3].item() < accelerator.num_processes:
             raise diverged("weights are not finite (not saving this state)", state.step, t.output_dir)
-        own = window.save_to(state, tokens=int(sums[1].item()), samples=int(sums[2].item()))
+        own = log.save_to(state, tokens=int(sums[1].item()), samples=int(sums[2].item()))
         path = save_checkpoint(accelerator, t.output_dir, state, self.cfg, process_state=own)
         self.last_saved = state.step
         if accelerator.is_main_process:

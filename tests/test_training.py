@@ -110,14 +110,14 @@ def test_accumulation_matches_a_bigger_batch(tmp_path: Path, quickstart_assets: 
     delta_a = torch.cat([(a[k] - start[k]).flatten() for k in sorted(a)])
     delta_b = torch.cat([(b[k] - start[k]).flatten() for k in sorted(a)])
     assert delta_a.norm() > 1e-2  # training did something
-    # Adam turns tiny gradient differences on near-zero gradients into sign flips, so compare whole updates
-    assert (delta_a - delta_b).norm() / delta_a.norm() < 0.25
+    # the loss is token-weighted over the accumulation window, so the steps are the same up to rounding (Adam
+    # amplifies rounding on near-zero gradients: compare whole updates)
+    assert (delta_a - delta_b).norm() / delta_a.norm() < 1e-4
     logs_a = [json.loads(x) for x in (tmp_path / "b8" / "log_history.jsonl").read_text().splitlines()]
     logs_b = [json.loads(x) for x in (tmp_path / "b4x2" / "log_history.jsonl").read_text().splitlines()]
     # same examples per optimizer step: same loss, and the accumulated gradient has the big batch's norm
-    # (up to T5's per-micro-batch token mean)
-    assert [e["loss"] for e in logs_a] == pytest.approx([e["loss"] for e in logs_b], rel=0.02)
-    assert logs_a[0]["grad_norm"] == pytest.approx(logs_b[0]["grad_norm"], rel=0.05)
+    assert [e["loss"] for e in logs_a] == pytest.approx([e["loss"] for e in logs_b], rel=1e-5)
+    assert [e["grad_norm"] for e in logs_a] == pytest.approx([e["grad_norm"] for e in logs_b], rel=1e-5)
     assert logs_a[0]["samples_per_s"] > 0 and logs_b[0]["samples_per_s"] > 0
 
 
