@@ -10,10 +10,16 @@ leaves a half-deleted folder under a checkpoint name.
 A model with frozen parameters (LoRA) is checkpointed with its trainable tensors only: the frozen base comes
 from ``--model_name_or_path`` on resume, as it did at the start. For flan-t5-base with LoRA r=32 that is
 ~14 MB of weights per checkpoint instead of ~1 GB.
+
+Every checkpoint also loads on its own, like the final model: the full model (``model.safetensors`` +
+``config.json``) or the LoRA adapter, the tokenizer and ``generation_config.json``, so ``evaluate.py``,
+``summarize.py`` and ``export.py`` take a checkpoint folder. A fully trained model's weights are stored once, in
+that loadable form, and resuming reads them from there.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +43,8 @@ from dialogsum.files import write_bytes, write_json
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+#: In TRAINABLE_ONLY_FILE: the model's weights are the checkpoint's loadable model (``model.safetensors``).
+LOADABLE_WEIGHTS = "loadable model.safetensors"
 DATA_DIGEST = "train_file_sha256"
 TRAINABLE_ONLY_FILE = "trainable_only.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -295,8 +303,15 @@ def _trainable_names(model: torch.nn.Module) -> set[str] | None:
 
 
 def _save_trainable_only(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
-    """accelerate save hook: keep only trainable tensors of models that have frozen parameters."""
+    """accelerate save hook: keep only trainable tensors of models that have frozen parameters; a fully trained
+    model whose loadable copy is already in the folder (:func:`save_checkpoint`) is not saved a second time."""
     if len(weights) != len(models):  # DeepSpeed/FSDP save their own weights; leave them alone
+        return
+    folder = Path(output_dir)
+    loadable = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    if len(models) == 1 and _trainable_names(models[0]) is None and loadable:
+        weights.clear()
+        write_json(folder / TRAINABLE_ONLY_FILE, {"0": LOADABLE_WEIGHTS})
         return
     reduced = {}
     for i, model in enumerate(models):
@@ -317,6 +332,10 @@ def _load_trainable_only(models: list[torch.nn.Module], input_dir: str) -> None:
     from safetensors.torch import load_file
 
     reduced = json.loads(marker.read_text())
+    if reduced.get("0") == LOADABLE_WEIGHTS and len(models) == 1:
+        _load_loadable_copy(models[0], Path(input_dir))
+        models.clear()
+        return
     for i, model in enumerate(models):
         if str(i) not in reduced:
             raise UserError(f"checkpoint {input_dir} holds partial weights for some models only; cannot load it")
@@ -338,6 +357,30 @@ def _load_trainable_only(models: list[torch.nn.Module], input_dir: str) -> None:
             )
         model.load_state_dict(tensors, strict=False)
     models.clear()  # loaded here; accelerate must not load them again (strictly) from the reduced file
+
+
+def _load_loadable_copy(model: torch.nn.Module, folder: Path) -> None:
+    """Load a checkpoint's ``model.safetensors`` written by ``save_pretrained`` into the (possibly wrapped) model.
+
+    ``save_pretrained`` stores a tensor shared by several names (T5's input embeddings) once; a name missing from
+    the file is accepted only when it shares its tensor with a name that was loaded.
+    """
+    from safetensors.torch import load_file
+
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    tensors = load_file(str(folder / "model.safetensors"))
+    current = inner.state_dict()
+    problems = [f"{n} unexpected" for n in sorted(set(tensors) - set(current))]
+    problems += [
+        f"{n} {tuple(t.shape)} vs {tuple(current[n].shape)}"
+        for n, t in sorted(tensors.items())
+        if n in current and t.shape != current[n].shape
+    ]
+    loaded = {current[n].data_ptr() for n in tensors if n in current}
+    problems += [f"{n} missing" for n in sorted(set(current) - set(tensors)) if current[n].data_ptr() not in loaded]
+    if problems:
+        raise UserError(f"checkpoint {folder} does not match this model (e.g. {problems[0]}); was the model changed?")
+    inner.load_state_dict(tensors, strict=False)
 
 
 def install_checkpoint_hooks(accelerator: Any) -> None:
@@ -386,12 +429,15 @@ def save_checkpoint(
     state: TrainState,
     cfg: Config,
     process_state: dict[str, Any] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically; on failure (e.g. disk full) remove the partial folder.
 
     Every process must call this. ``process_state`` is this process's own loop state (e.g. its running loss
-    sums), saved with its RNG states and given back by :func:`load_process_state`. Raises :class:`UserError`
-    when the checkpoint cannot be written; earlier checkpoints are untouched in that case.
+    sums), saved with its RNG states and given back by :func:`load_process_state`. With ``model`` (the prepared
+    model being trained) the checkpoint also holds it in loadable form, with the tokenizer of ``cfg.model`` and
+    the generation config (:func:`dialogsum.modeling.save_model_files`). Raises :class:`UserError` when the
+    checkpoint cannot be written; earlier checkpoints are untouched in that case.
     """
     install_checkpoint_hooks(accelerator)
     root = Path(output_dir)
@@ -401,6 +447,10 @@ def save_checkpoint(
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
+        if model is not None:  # first: accelerate's save hook then leaves out a full model's second copy
+            from dialogsum.modeling import save_model_files
+
+            save_model_files(accelerator, model, _tokenizer(cfg), tmp)
         accelerator.save_state(str(tmp))
         own = {"rng": capture_rng(), "process": process_state or {}}
         write_bytes(_rng_file(tmp, accelerator.process_index), pickle.dumps(own))
@@ -433,6 +483,18 @@ def save_checkpoint(
         ) from exc
     accelerator.wait_for_everyone()
     return final
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_of(name_or_path: str) -> Any:
+    from dialogsum.modeling import load_tokenizer
+
+    return load_tokenizer(name_or_path)
+
+
+def _tokenizer(cfg: Config) -> Any:
+    """The run's tokenizer (loaded once per process), saved into every checkpoint."""
+    return _tokenizer_of(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
 
 
 def _folder_bytes(folder: Path | None) -> int:
@@ -502,6 +564,31 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> TrainState:
             raise
         raise UserError(f"cannot load checkpoint {checkpoint}: {str(exc).splitlines()[0][:300]}") from exc
     return read_state(checkpoint)
+
+
+def load_best_model(accelerator: Any, cfg: Config, state: TrainState) -> Path | None:
+    """``--load_best_model_at_end``: put the weights of the best checkpoint by ``--metric_for_best`` back into the
+    model (every process calls this, after the loop), so that the final save and evaluation are of the best
+    model. Nothing happens when the last step was the best. Returns the checkpoint loaded, or None.
+
+    The whole training state is restored (``accelerator.load_state``: the one loader that also handles DeepSpeed
+    and FSDP); nothing trains after it, so only the weights matter.
+    """
+    if not cfg.train.load_best_model_at_end or state.best_checkpoint is None or state.best_step == state.step:
+        return None
+    best = Path(cfg.train.output_dir or ".") / state.best_checkpoint
+    if not (best / STATE_FILE).is_file():
+        raise UserError(f"--load_best_model_at_end: the best checkpoint {best} is missing; its weights are lost")
+    load_checkpoint(accelerator, best)
+    logger.info(
+        "--load_best_model_at_end: the final model is %s (%s %.4f at step %d; training ran to step %d)",
+        best.name,
+        cfg.train.metric_for_best,
+        state.best_metric,
+        state.best_step,
+        state.step,
+    )
+    return best
 
 
 def _process_file(checkpoint: Path, rank: int) -> dict[str, Any]:

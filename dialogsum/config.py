@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import math
 import os
+import re
+import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -165,6 +167,11 @@ class TrainingArguments:
     early_stopping_patience: int | None = _help(
         "Stop after this many evaluations without improvement of --metric_for_best.", default=None
     )
+    load_best_model_at_end: bool = _help(
+        "Save (and evaluate) the best checkpoint by --metric_for_best as the final model instead of the last step's; "
+        "needs --eval_steps and --checkpointing_steps.",
+        default=False,
+    )
     do_train: bool = _help("Run training (set False to only evaluate the starting model).", default=True)
     do_eval: bool = _help("After training, generate on --eval_split and compute ROUGE.", default=True)
     eval_split: str = _help("Split used for the final evaluation: test or validation.", default="test")
@@ -179,6 +186,11 @@ class LoraArguments:
     lora_dropout: float = _help("Dropout on the LoRA branch.", default=0.05)
     lora_target_modules: list[str] = _help(
         "Module names to adapt (T5 attention: q k v o).", default_factory=lambda: ["q", "v"]
+    )
+    merge_lora: bool = _help(
+        "After training, also write a standalone model with the adapter merged in to <output_dir>/merged "
+        "(loads with AutoModelForSeq2SeqLM, no peft needed; as scripts/export.py does).",
+        default=False,
     )
 
 
@@ -200,11 +212,57 @@ class TrackingArguments:
         "Trackers: all (wandb + tensorboard), wandb, tensorboard or none. W&B honours WANDB_MODE.",
         default="all",
     )
-    run_name: str | None = _help("Run name shown in W&B/TensorBoard (default: method + time).", default=None)
-    wandb_project: str = _help("W&B project.", default="dialogsum")
-    wandb_group: str | None = _help("W&B group (e.g. one per experiment sweep).", default=None)
-    wandb_tags: list[str] = _help("W&B tags.", default_factory=list)
+    run_name: str | None = _help(
+        "Run name shown in W&B/TensorBoard (default: $WANDB_NAME, else method + time).", default=None
+    )
+    wandb_project: str | None = _help("W&B project (default: $WANDB_PROJECT, else dialogsum).", default=None)
+    wandb_entity: str | None = _help("W&B team or user (default: $WANDB_ENTITY, else your default).", default=None)
+    wandb_group: str | None = _help(
+        "W&B group, e.g. one per experiment or sweep (default: $WANDB_RUN_GROUP).", default=None
+    )
+    wandb_tags: list[str] = _help("W&B tags (default: $WANDB_TAGS, comma-separated).", default_factory=list)
     log_model: bool = _help("Upload the final model/adapter to W&B as an artifact.", default=False)
+
+
+@dataclass
+class HubArguments:
+    """Publishing to the Hugging Face Hub (checked before training starts)."""
+
+    push_to_hub: bool = _help(
+        "At the end, upload the model or adapter, tokenizer, generation config, card, metrics, report and plots "
+        "(never checkpoints) to the hub.",
+        default=False,
+    )
+    hub_model_id: str | None = _help(
+        "Hub repository, 'user/name' or 'org/name' (default: the --output_dir folder name in your namespace).",
+        default=None,
+    )
+    hub_private_repo: bool = _help("Create the hub repository as private.", default=False)
+    hub_token: str | None = _help(
+        "Hub token with write access (default: $HF_TOKEN, else the `hf auth login` token). Never saved.",
+        default=None,
+    )
+
+
+#: Settings never written to config.yaml, a tracker or metrics.json.
+SECRET_FIELDS = ("hub_token",)
+
+#: Flags of the Hugging Face example scripts that have another name here: old -> (new, hint).
+RENAMED_FLAGS = {
+    "--source_prefix": ("--prompt_template", "a template around the dialogue, e.g. 'summarize: {dialogue}'"),
+    "--val_max_target_length": ("--max_new_tokens", "the summary length generated for evaluation"),
+    "--with_tracking": ("--report_to", "all, wandb, tensorboard or none"),
+}
+
+
+def renamed_flag_hint(names: Sequence[str]) -> str:
+    """``; --source_prefix is --prompt_template here (...)`` for every renamed HF example flag in ``names``."""
+    found = []
+    for name in names:
+        flag = "--" + str(name).lstrip("-").split("=", 1)[0]
+        if flag in RENAMED_FLAGS and flag not in [f for f, _ in found]:
+            found.append((flag, RENAMED_FLAGS[flag]))
+    return "".join(f"; {old} is {new} here ({hint})" for old, (new, hint) in found)
 
 
 SECTIONS: dict[str, type] = {
@@ -214,6 +272,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraArguments,
     "gen": GenerationArguments,
     "track": TrackingArguments,
+    "hub": HubArguments,
 }
 
 
@@ -228,12 +287,17 @@ class Config:
     lora: LoraArguments = field(default_factory=LoraArguments)
     gen: GenerationArguments = field(default_factory=GenerationArguments)
     track: TrackingArguments = field(default_factory=TrackingArguments)
+    hub: HubArguments = field(default_factory=HubArguments)
+    command: str | None = field(default=None, compare=False)
+    """The command line that started the run (secrets masked), for metrics.json; not a setting."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat ``{flag: value}`` dict (plus ``method``); can be fed back with ``--config``."""
+        """Flat ``{flag: value}`` dict (plus ``method``; secrets left out); can be fed back with ``--config``."""
         flat: dict[str, Any] = {"method": self.method}
         for name in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, name)))
+        for secret in SECRET_FIELDS:
+            flat.pop(secret, None)
         return flat
 
     def save(self, path: str | Path) -> None:
@@ -307,7 +371,8 @@ def build_parser(
 
     class Parser(HfArgumentParser):
         def error(self, message: str) -> NoReturn:  # type: ignore[override]
-            raise ConfigError(f"{message} (see --help)")
+            # an HF example flag this project renamed: say its name here
+            raise ConfigError(f"{message}{renamed_flag_hint(message.replace(':', ' ').split())} (see --help)")
 
     selected = flags if flags is not None else dict.fromkeys(SECTIONS.values())
     classes = [_flag_class(name, cls, selected[cls]) for name, cls in SECTIONS.items() if cls in selected]
@@ -400,7 +465,8 @@ def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
         known_elsewhere = [k for k in unknown if k in field_names()]
         if known_elsewhere and len(known_elsewhere) == len(unknown):
             raise ConfigError(f"--config {path}: key(s) {', '.join(unknown)} are not settings of this script")
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))}")
+        hint = renamed_flag_hint(unknown)  # an HF example flag this project renamed
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))}{hint}")
     return {k: (v if k == "method" else _file_value(actions[k], k, v, f"--config {path}")) for k, v in data.items()}
 
 
@@ -443,7 +509,32 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
     cfg = build_config(method, values)
     if cfg.train.output_dir is None or not str(cfg.train.output_dir).strip():
         raise ConfigError("--output_dir is required (where the model, metrics and predictions are written)")
+    cfg.command = command_line(argv, f"scripts/train_{method}.py")
     return cfg
+
+
+def mask_secrets(args: Sequence[str]) -> list[str]:
+    """``args`` with the value of every secret flag (``--hub_token x``, ``--hub_token=x``) replaced by ``***``."""
+    masked, hide_next = [], False
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if hide_next:
+            masked.append("***")
+        elif flag.lstrip("-") in SECRET_FIELDS and "=" in arg:
+            masked.append(f"{flag}=***")
+        else:
+            masked.append(arg)
+        hide_next = not hide_next and arg.lstrip("-") in SECRET_FIELDS and arg.startswith("--")
+    return masked
+
+
+def command_line(argv: Sequence[str] | None, script: str) -> str:
+    """``python <script> <flags>`` as this process was started (secrets masked); :func:`dialogsum.tracking.
+    provenance` puts the ``accelerate launch`` command in its place when that launcher started the process."""
+    import shlex
+
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return shlex.join(["python", script, *mask_secrets(args)])
 
 
 def build_config(method: str, values: dict[str, Any]) -> Config:
@@ -461,6 +552,14 @@ def build_config(method: str, values: dict[str, Any]) -> Config:
     cfg = Config(method=method, **sections)
     validate(cfg)
     return cfg
+
+
+def check_hub_arguments(h: HubArguments) -> None:
+    """The hub flags: a valid repository id, and no hub setting without ``--push_to_hub``."""
+    if h.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", h.hub_model_id):
+        raise ConfigError(f"--hub_model_id must be 'name' or 'namespace/name', got {h.hub_model_id!r}")
+    if (h.hub_model_id or h.hub_private_repo) and not h.push_to_hub:
+        raise ConfigError("--hub_model_id/--hub_private_repo are settings of --push_to_hub; add --push_to_hub")
 
 
 def _positive(name: str, value: float | None, allow_none: bool = True, allow_zero: bool = False) -> None:
@@ -531,6 +630,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--metric_for_best {t.metric_for_best} needs --eval_with_generation (ROUGE during training)")
     if t.early_stopping_patience is not None and not t.eval_steps:
         raise ConfigError("--early_stopping_patience needs --eval_steps")
+    if t.load_best_model_at_end and not (t.eval_steps and t.checkpointing_steps and t.do_train):
+        raise ConfigError(
+            "--load_best_model_at_end needs --eval_steps (to find the best step) and --checkpointing_steps (to "
+            "keep its weights)"
+        )
+    if lo.merge_lora and cfg.method != "lora":
+        raise ConfigError("--merge_lora merges a LoRA adapter: use it with scripts/train_lora.py")
+    if lo.merge_lora and not t.do_train:
+        raise ConfigError("--merge_lora needs --do_train (it merges the adapter this run trains)")
+    check_hub_arguments(cfg.hub)
     if t.eval_split not in ("test", "validation"):
         raise ConfigError(f"--eval_split must be test or validation, got {t.eval_split!r}")
     _positive("lora_r", lo.lora_r, allow_none=False)

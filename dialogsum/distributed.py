@@ -74,6 +74,13 @@ def _launcher_argv() -> tuple[list[str], dict[str, str]] | None:
     return None
 
 
+def launcher_command() -> list[str] | None:
+    """The arguments given to the parent ``accelerate launch`` (what follows ``launch``: its flags, the script,
+    the script's flags), or None when this process was not started by it."""
+    found = _launcher_argv()
+    return found[0] if found is not None else None
+
+
 def _parse_launch_args(argv: list[str]) -> argparse.Namespace | None:
     """Parse ``accelerate launch`` arguments with accelerate's own parser (None if it refuses them)."""
     from accelerate.commands.launch import launch_command_parser

@@ -30,9 +30,11 @@ from dialogsum.config import (
     DataArguments,
     GenerationArguments,
     ModelArguments,
+    TrackingArguments,
     TrainingArguments,
     build_config,
     build_parser,
+    command_line,
     given_flags,
 )
 from dialogsum.errors import ConfigError, UserError
@@ -74,7 +76,10 @@ EVALUATE_FLAGS: dict[type, tuple[str, ...] | None] = {
     ),
     TrainingArguments: ("output_dir", "overwrite_output_dir", "per_device_eval_batch_size", "eval_split"),
     GenerationArguments: None,
+    TrackingArguments: ("report_to", "run_name", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags"),
 }
+#: evaluate.py logs to trackers only when asked (training scripts default to all).
+EVALUATE_REPORT_TO = "none"
 SUMMARIZE_FLAGS: dict[type, tuple[str, ...] | None] = {
     ModelArguments: ("model_name_or_path", "tokenizer_name", "adapter_path"),
     DataArguments: ("text_column", "id_column", "prompt_template", "max_source_length"),
@@ -138,9 +143,13 @@ def config_from_flags(values: dict[str, Any]) -> Config:
 def parse_evaluate_args(argv: Sequence[str] | None, description: str = "") -> Config:
     """Flags of ``scripts/evaluate.py`` as a validated :class:`Config`."""
     parser = build_parser(description, EVALUATE_FLAGS, config_file=False)
-    cfg = config_from_flags(given_flags(parser, argv))
+    parser.set_defaults(report_to=EVALUATE_REPORT_TO)  # shown by --help
+    values = given_flags(parser, argv)
+    values.setdefault("report_to", EVALUATE_REPORT_TO)
+    cfg = config_from_flags(values)
     if not cfg.train.output_dir or not str(cfg.train.output_dir).strip():
         raise ConfigError("--output_dir is required (where metrics.json and predictions.jsonl are written)")
+    cfg.command = command_line(argv, "scripts/evaluate.py")
     return cfg
 
 
@@ -308,16 +317,17 @@ def _weights_size_mb(cfg: Config) -> float | None:
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ adapter) on ``cfg.train.eval_split``; write metrics.json and predictions.jsonl.
 
-    Every check that needs no weights (output folder, data files, model and adapter) runs first. Under
-    ``accelerate launch`` with several processes the dialogues are split between them and each is generated
-    and scored exactly once. Returns the metrics.
+    Every check that needs no weights (output folder, data files, model and adapter, trackers) runs first.
+    Under ``accelerate launch`` with several processes the dialogues are split between them and each is
+    generated and scored exactly once. With ``--report_to`` the evaluation is a tracked run of job type ``eval``
+    (the zero-shot baseline next to the training runs: same project and group resolution). Returns the metrics.
     """
     from dialogsum.data import check_data_sources, eval_examples, load_splits
     from dialogsum.distributed import build_accelerator, finish, topology
     from dialogsum.evaluation import evaluate_with_config
     from dialogsum.modeling import describe_parameters, parameter_report
     from dialogsum.run_folder import check_output_dir, start_output_dir
-    from dialogsum.tracking import peak_memory_mb
+    from dialogsum.tracking import finish_tracking, peak_memory_mb, provenance, resolve_trackers, start_tracking
 
     split = cfg.train.eval_split
     out = check_output_dir(cfg, resuming=False, can_resume=False)
@@ -334,11 +344,15 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         sum(len(e.references) for e in examples),
     )
     tokenizer = load_tokenizer_checked(cfg)
-    accelerator = build_accelerator()
+    trackers = resolve_trackers(cfg.track.report_to) or None
+    if trackers:
+        start_output_dir(cfg)  # tracker files go into it: with --overwrite_output_dir, the previous run goes now
+    accelerator = build_accelerator(log_with=trackers, project_dir=str(out / "tensorboard"))
     try:
         model = load_generation_model(cfg, accelerator)
         params = parameter_report(model)
         logger.info(describe_parameters(params))
+        start_tracking(accelerator, cfg, {"parameters": params, "num_eval_examples": len(examples)}, job_type="eval")
         model = place_model(accelerator, model, cfg.train.per_device_eval_batch_size)
         start = time.perf_counter()
         metrics, predictions = evaluate_with_config(
@@ -361,6 +375,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
             metrics["method"] = "lora"
         topo = topology(accelerator)
         metrics.update({k: topo[k] for k in ("num_processes", "distributed_type", "mixed_precision")})
+        metrics.update(provenance(cfg))  # command line, git commit, package versions
         if accelerator.is_main_process:
             start_output_dir(cfg)  # with --overwrite_output_dir, the previous results go only now
             # predictions first: metrics.json is the marker of a complete result folder.
@@ -374,6 +389,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
                 ", ".join(f"{k}={100 * metrics[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")),
                 out,
             )
+        finish_tracking(accelerator, metrics, predictions, params, out, log_model=False, step=0)
         return metrics
     finally:
         finish(accelerator)

@@ -51,13 +51,19 @@ def _hub_dataset(config: Mapping[str, Any]) -> str | None:
 
 
 def card_data(
-    metrics: Mapping[str, Any], config: Mapping[str, Any], name: str, base: str, method: str
+    metrics: Mapping[str, Any], config: Mapping[str, Any], name: str, base: str, method: str, merged: bool = False
 ) -> ModelCardData:
-    """The card's metadata: base model (a hub id only), library, task, tags, dataset and headline ROUGE (F1 x 100)."""
+    """The card's metadata: base model (a hub id only), library, task, tags, dataset and headline ROUGE (F1 x 100).
+
+    ``merged``: a LoRA adapter merged into its base model (a plain transformers model).
+    """
     tags = ["summarization", "dialogue-summarization", "dialogsum"]
     if "t5" in base.lower():
         tags.append("flan-t5" if "flan" in base.lower() else "t5")
-    tags += ["lora", "peft"] if method == "lora" else ["full-fine-tuning"]
+    if merged:
+        tags += ["lora", "merged"]
+    else:
+        tags += ["lora", "peft"] if method == "lora" else ["full-fine-tuning"]
     dataset = _hub_dataset(config)
     if config.get("quickstart"):
         data_name = "synthetic quick-start dialogues"
@@ -82,7 +88,7 @@ def card_data(
     ]
     return ModelCardData(
         base_model=base if _is_hub_id(base) else None,
-        library_name="peft" if method == "lora" else "transformers",
+        library_name="peft" if method == "lora" and not merged else "transformers",
         pipeline_tag="summarization",
         tags=tags,
         datasets=[dataset] if dataset else None,
@@ -92,15 +98,21 @@ def card_data(
     )
 
 
-def _usage(method: str, base: str, folder: str, prompt: str, config: Mapping[str, Any], max_new: Any) -> list[str]:
-    """The card's "How to use" code: load the folder (and its base model for LoRA) and summarize."""
+def _usage(method: str, base: str, folder: str, prompt: str, config: Mapping[str, Any], generation: str) -> list[str]:
+    """The card's "How to use" code: load the folder (and its base model for LoRA) and summarize.
+
+    ``generation_config.json`` holds the evaluation's generation settings (``generation``), so a plain
+    ``generate()`` summarizes as the evaluation did; peft does not read it from an adapter folder, hence the line
+    that loads it for LoRA.
+    """
     if method == "lora":
         load = [
             "from peft import PeftModel",
-            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig",
             "",
             f'adapter_dir = "path/to/{folder}"  # this folder, or its hub repo id',
             f'base = AutoModelForSeq2SeqLM.from_pretrained("{base}")',
+            "base.generation_config = GenerationConfig.from_pretrained(adapter_dir)  # peft does not load it",
             "model = PeftModel.from_pretrained(base, adapter_dir)  # .merge_and_unload() for a plain model",
             "tokenizer = AutoTokenizer.from_pretrained(adapter_dir)",
         ]
@@ -112,6 +124,7 @@ def _usage(method: str, base: str, folder: str, prompt: str, config: Mapping[str
             "model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)",
             "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
         ]
+    settings = f"  # generation_config.json: {generation}" if generation else ""
     return [
         "```python",
         *load,
@@ -119,14 +132,18 @@ def _usage(method: str, base: str, folder: str, prompt: str, config: Mapping[str
         f"prompt = {json.dumps(prompt)}.format(dialogue=dialogue)",
         'inputs = tokenizer(prompt, return_tensors="pt", truncation=True, '
         f"max_length={plain(config.get('max_source_length') or 512)})",
-        f"summary_ids = model.generate(**inputs, max_new_tokens={max_new}, num_beams=1)",
-        "print(tokenizer.decode(summary_ids[0], skip_special_tokens=True))",
+        f"summary_ids = model.generate(**inputs){settings}",
+        "# decoded as predictions.jsonl was",
+        "print(tokenizer.decode(summary_ids[0], skip_special_tokens=True, clean_up_tokenization_spaces=True))",
         "```",
     ]
 
 
-def write_model_card(output_dir: str | Path, metrics: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
-    """Write ``README.md`` in ``output_dir``: a Hugging Face model card for the trained model or adapter.
+def write_model_card(
+    output_dir: str | Path, metrics: Mapping[str, Any], config: Mapping[str, Any], merged: bool = False
+) -> Path:
+    """Write ``README.md`` in ``output_dir``: a Hugging Face model card for the trained model or adapter
+    (``merged``: a LoRA adapter merged into its base model by :mod:`dialogsum.export`).
 
     ``metrics`` is the content of ``metrics.json``, ``config`` the flat resolved config (``cfg.to_dict()``).
     Metadata: see :func:`card_data`. Then: model description (base model, method), training data,
@@ -139,6 +156,8 @@ def write_model_card(output_dir: str | Path, metrics: Mapping[str, Any], config:
     name = str(config.get("run_name") or out.resolve().name)
     prompt = str(config.get("prompt_template") or LAB_PROMPT)
     kind = "a LoRA adapter for" if method == "lora" else "a fully fine-tuned version of"
+    if merged:
+        kind = "a LoRA fine-tune (the adapter merged into the weights, a standalone model) of"
     link = "https://huggingface.co/" + base if _is_hub_id(base) else base
     parts = [
         f"# {name}",
@@ -175,6 +194,8 @@ def write_model_card(output_dir: str | Path, metrics: Mapping[str, Any], config:
                 parts.append(f"- **{protocol}**{mark}: {PROTOCOL_TEXT[protocol]}.")
         if generation_text(metrics):
             parts.append(f"- Generation: {generation_text(metrics)}.")
+        if merged:
+            parts.append("- Evaluated as the adapter on its base model; the merged weights give the same predictions.")
         parts.append("")
     else:
         parts += ["This run was not evaluated.", ""]
@@ -192,8 +213,6 @@ def write_model_card(output_dir: str | Path, metrics: Mapping[str, Any], config:
         if not config.get("quickstart")
         else "The quick-start data is synthetic (no DialogSum text). " + DIALOGSUM_LICENCE.split(": ")[0] + "."
     )
-    generation = metrics.get("generation")
-    max_new = generation.get("max_new_tokens", 128) if isinstance(generation, Mapping) else 128
     parts += [
         "- Intended for research on abstractive summarization of short, English, everyday two-person "
         "dialogues like DialogSum's (meetings, shopping, travel, small talk).",
@@ -208,9 +227,9 @@ def write_model_card(output_dir: str | Path, metrics: Mapping[str, Any], config:
         "",
         "## How to use",
         "",
-        *_usage(method, base, out.resolve().name, prompt, config, max_new),
+        *_usage("full" if merged else method, base, out.resolve().name, prompt, config, generation_text(metrics)),
         "",
     ]
-    data = card_data(metrics, config, name, base, method)
+    data = card_data(metrics, config, name, base, method, merged)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
     return write_text(out / "README.md", str(card))

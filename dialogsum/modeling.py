@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import Any
 
 import torch
 
-from dialogsum.config import LoraArguments, ModelArguments
+from dialogsum.config import GenerationArguments, LoraArguments, ModelArguments
 from dialogsum.errors import UserError
 from dialogsum.fast_layers import use_fast_layers
+from dialogsum.files import write_text
 from dialogsum.hub import ensure_hub_reachable
 
 logger = logging.getLogger(__name__)
@@ -150,18 +152,43 @@ def load_model(name_or_path: str, fused_activations: bool = True) -> torch.nn.Mo
     return model
 
 
-def load_for_training(args: ModelArguments, accelerator: Any) -> tuple[Any, torch.nn.Module]:
+def load_for_training(
+    args: ModelArguments, accelerator: Any, gen: GenerationArguments | None = None
+) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and model to train (fp32 weights, gradient checkpointing if asked); LoRA is applied on top.
 
     Under DeepSpeed ZeRO-3 without ``zero3_init_flag`` the weights are loaded whole and ``prepare`` shards them.
+    With ``gen``, the model's generation config takes the run's generation settings
+    (:func:`use_generation_settings`), so that every folder saved from it generates like the run's evaluation.
     """
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     with whole_model_loading(plugin is not None and not plugin.zero3_init_flag):
         model = load_model(args.model_name_or_path)
+    if gen is not None:
+        use_generation_settings(model, gen)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return tokenizer, model
+
+
+def use_generation_settings(model: torch.nn.Module, gen: GenerationArguments) -> None:
+    """Put the run's ``max_new_tokens``, ``num_beams``, ``length_penalty`` and ``no_repeat_ngram_size`` (greedy or
+    beam search, no sampling) into ``model.generation_config``.
+
+    ``save_pretrained`` writes it as ``generation_config.json`` (adapters: :func:`save_model_files`), so a plain
+    ``generate()`` on the reloaded folder does what evaluation did instead of stopping at transformers' 20-token
+    default. The values are those of :func:`dialogsum.evaluation.generation_kwargs`, the evaluation's own.
+    """
+    from dialogsum.evaluation import generation_kwargs
+
+    settings = generation_kwargs(gen)
+    if gen.num_beams == 1:
+        # only beam search reads it; transformers refuses to save a greedy config that sets it
+        settings.pop("length_penalty")
+    model.generation_config.update(**settings)
+    # now the run's own settings: generate() must not swap them for ones derived from the model config
+    model.generation_config._from_model_config = False
 
 
 def model_from_config(config_dir: str, seed: int = 0) -> torch.nn.Module:
@@ -292,10 +319,20 @@ def describe_parameters(report: dict[str, Any]) -> str:
 
 
 def save_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> float:
-    """Save the final model: full weights (safetensors) or only the LoRA adapter, plus the tokenizer.
+    """Save the final model: full weights (safetensors) or only the LoRA adapter, plus the tokenizer and the
+    generation config (:func:`save_model_files`). Every process must call this. Returns the weights' size in MB.
+    """
+    save_model_files(accelerator, model, tokenizer, output_dir)
+    return checkpoint_size_mb(output_dir)
+
+
+def save_model_files(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> None:
+    """Write a folder that loads on its own: full weights + config (``from_pretrained``) or the LoRA adapter
+    (``PeftModel.from_pretrained``), the tokenizer and ``generation_config.json``. Used for the final model and
+    for every checkpoint.
 
     Every process must call this: under DeepSpeed ZeRO-3 ``get_state_dict`` gathers the partitioned weights
-    (consolidated, so the folder loads with a plain ``from_pretrained``). Returns the weight files' size in MB.
+    (consolidated, so the folder loads with a plain ``from_pretrained``).
     """
     out = Path(output_dir)
     state_dict = accelerator.get_state_dict(model)
@@ -306,14 +343,27 @@ def save_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_
             str(out), state_dict=state_dict, safe_serialization=True, save_function=accelerator.save
         )
         tokenizer.save_pretrained(str(out))
+        # peft does not write the generation config of an adapter; for a full model this replaces the same file
+        write_text(out / "generation_config.json", unwrapped.generation_config.to_json_string())
     accelerator.wait_for_everyone()
-    return checkpoint_size_mb(out)
+
+
+#: Weight files of a model folder (single or sharded safetensors, or the older .bin).
+_MODEL_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The model's weight files in ``directory``: the adapter's in an adapter folder, else the model's (a
+    checkpoint's optimizer and training-state files are not counted)."""
+    folder = Path(directory)
+    if (folder / "adapter_config.json").is_file():
+        return sorted(p for p in folder.glob("adapter_model.*") if p.suffix in WEIGHT_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and _MODEL_WEIGHTS.match(p.name))
 
 
 def checkpoint_size_mb(directory: str | Path) -> float:
-    """Size of the weight files (model or adapter) in a directory, in MB (10^6 bytes)."""
-    files = [p for p in Path(directory).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
-    return round(sum(p.stat().st_size for p in files) / 1e6, 3)
+    """Size of the weight files (model or adapter, :func:`weight_files`) in a directory, in MB (10^6 bytes)."""
+    return round(sum(p.stat().st_size for p in weight_files(directory)) / 1e6, 3)
 
 
 def load_for_inference(model_name_or_path: str, adapter_path: str | None = None) -> torch.nn.Module:

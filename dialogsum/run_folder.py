@@ -52,6 +52,7 @@ RUN_FILES = (
     "tensorboard",
     "wandb",
     "quickstart_assets",
+    "merged",
 )
 #: Names of run files that come in numbered series: checkpoints (also half-written or half-deleted ones) and
 #: sharded weights.

@@ -40,14 +40,17 @@ from dialogsum.modeling import (
     load_tokenizer,
     parameter_report,
 )
+from dialogsum.publish import HubTarget, check_push, push_folder
 from dialogsum.quickstart import build_quickstart_assets
 from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker, start_output_dir
-from dialogsum.tracking import peak_memory_mb, resolve_trackers
+from dialogsum.tracking import peak_memory_mb, provenance, resolve_trackers
 from dialogsum.training import TrainResult, check_mixed_precision
 
 logger = logging.getLogger(__name__)
 
 QUICKSTART_DIR = "quickstart_assets"
+#: Where --merge_lora writes the merged model, inside the output folder.
+MERGED_DIR = "merged"
 
 # --------------------------------------------------------------------------------------------- before loading
 
@@ -64,6 +67,8 @@ class RunPlan:
     """Data splits the run reads."""
     trackers: list[str] | None
     """Trackers for ``Accelerator(log_with=...)`` (None: none)."""
+    hub: HubTarget | None = None
+    """Where ``--push_to_hub`` uploads (checked), or None."""
 
     @property
     def tensorboard_dir(self) -> str:
@@ -99,8 +104,9 @@ def check_run(cfg: Config) -> RunPlan:
             check_lora_targets(cfg.model.model_name_or_path, cfg.lora)  # from the model config, no weights
         check_prompt_fits(load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path), cfg.data)
     trackers = resolve_trackers(cfg.track.report_to) or None
+    hub = check_push(cfg.hub, out.resolve().name)  # --push_to_hub: token, hub reachable, write access
     start_output_dir(cfg)  # creates it; --overwrite_output_dir: the previous run's files go now
-    return RunPlan(out=out, resume=resume, splits=splits, trackers=trackers)
+    return RunPlan(out=out, resume=resume, splits=splits, trackers=trackers, hub=hub)
 
 
 def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
@@ -243,6 +249,8 @@ def run_metrics(
     metrics.update(scores)
     if result is not None:
         metrics.update(result.metrics())
+        if cfg.train.load_best_model_at_end and result.state.best_step is not None:
+            metrics["final_model_step"] = result.state.best_step  # the saved and evaluated weights
     metrics.update(params)
     topo = topology(accelerator)
     metrics.update(
@@ -255,6 +263,7 @@ def run_metrics(
             "mixed_precision": topo["mixed_precision"],
         }
     )
+    metrics.update(provenance(cfg))  # command line, git commit, package versions
     return metrics
 
 
@@ -275,6 +284,32 @@ def write_results(
     write_run_report(out)
     copy_results_for_sagemaker(out)
     logger.info("results in %s: %s", out, _headline(metrics))
+
+
+def merge_lora(accelerator: Any, cfg: Config, out: Path) -> Path | None:
+    """``--merge_lora``: the main process writes ``<output_dir>/merged``, the saved adapter merged into its base
+    model (a standalone transformers model, :func:`dialogsum.export.export_merged`)."""
+    if not cfg.lora.merge_lora:
+        return None
+    merged = out / MERGED_DIR
+    if accelerator.is_main_process:
+        from dialogsum.export import export_merged
+
+        export_merged(out, merged, cfg.model.model_name_or_path)
+    accelerator.wait_for_everyone()
+    return merged
+
+
+def publish(accelerator: Any, cfg: Config, run: RunPlan) -> str | None:
+    """``--push_to_hub``: the main process uploads the run's model or adapter, tokenizer, generation config, card,
+    metrics, settings, report and plots (:func:`dialogsum.publish.files_to_publish`) to the checked repository."""
+    if run.hub is None:
+        return None
+    url = None
+    if accelerator.is_main_process:
+        url = push_folder(run.out, run.hub, f"dialogsum: {cfg.method} fine-tune of {cfg.model.model_name_or_path}")
+    accelerator.wait_for_everyone()
+    return url
 
 
 def _headline(metrics: dict[str, Any]) -> str:

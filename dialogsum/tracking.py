@@ -265,6 +265,46 @@ def launch_topology(accelerator: Any) -> dict[str, Any]:
     }
 
 
+def provenance(cfg: Config) -> dict[str, Any]:
+    """Where a result comes from, for ``metrics.json``: the command line (the ``accelerate launch`` command when
+    that launcher started this process; secrets masked), the git commit of the code (+ dirty flag) and the
+    package versions."""
+    import shlex
+
+    from dialogsum.config import mask_secrets
+    from dialogsum.distributed import launcher_command
+
+    launched = launcher_command()
+    command = shlex.join(["accelerate", "launch", *mask_secrets(launched)]) if launched else cfg.command
+    return {"command": command, **git_info(), "package_versions": package_versions()}
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """How a run is named in W&B (and TensorBoard): each flag, else its W&B environment variable, else a default."""
+
+    project: str
+    name: str
+    entity: str | None
+    group: str | None
+    tags: list[str]
+
+
+def run_identity(cfg: Config, job_type: str = "train") -> RunIdentity:
+    """Resolve ``--wandb_project/--run_name/--wandb_entity/--wandb_group/--wandb_tags``: a flag wins, then
+    ``WANDB_PROJECT``, ``WANDB_NAME``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``, ``WANDB_TAGS`` (comma-separated),
+    then the defaults (project ``dialogsum``, name ``<method or eval>-<date>-<time>``)."""
+    t, env = cfg.track, os.environ
+    tags = list(t.wandb_tags) or [tag.strip() for tag in env.get("WANDB_TAGS", "").split(",") if tag.strip()]
+    return RunIdentity(
+        project=t.wandb_project or env.get("WANDB_PROJECT") or "dialogsum",
+        name=t.run_name or env.get("WANDB_NAME") or default_run_name(cfg.method if job_type == "train" else job_type),
+        entity=t.wandb_entity or env.get("WANDB_ENTITY") or None,
+        group=t.wandb_group or env.get("WANDB_RUN_GROUP") or None,
+        tags=tags,
+    )
+
+
 def run_config(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The flat config a run logs: every flag, the learning rate in force, effective batch size, git commit,
     package versions (``version_<pkg>``), the launch topology, then ``extra`` (which wins on clashes)."""
@@ -308,34 +348,45 @@ def _wandb_error_types() -> tuple[type[BaseException], ...]:
     return (Error, TimeoutError)
 
 
-def start_tracking(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None) -> None:
+def start_tracking(
+    accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None, job_type: str = "train"
+) -> None:
     """Start the run of every tracker of ``accelerator`` and log the run config (:func:`run_config`).
 
-    One run per job: accelerate runs trackers on the main process only.
-    W&B gets the config with its real types (lists, None), a name (``--run_name`` or
-    :func:`default_run_name`),
-    ``--wandb_group``, ``--wandb_tags`` and its files under ``$WANDB_DIR`` or else ``--output_dir``.
-    TensorBoard gets the same config as hparams (:func:`hparams_safe`).
+    One run per job: accelerate runs trackers on the main process only. ``job_type`` is ``train`` or ``eval``
+    (``scripts/evaluate.py``: the zero-shot baseline lands in the same project and group as the training runs).
+    W&B gets the config with its real types (lists, None), the project, name, entity, group and tags of
+    :func:`run_identity` (flags, else W&B's environment variables) and its files under ``$WANDB_DIR`` or else
+    ``--output_dir``. TensorBoard gets the same config as hparams (:func:`hparams_safe`), under the project name.
 
     If ``wandb.init`` fails anyway (a rejected key, an unreachable server), the job goes on without W&B with a
     warning, unless ``--report_to wandb`` asked for it explicitly (then :class:`UserError`).
     """
     if not accelerator.log_with:
         return
-    run_name = cfg.track.run_name or default_run_name(cfg.method)
+    identity = run_identity(cfg, job_type)
     config = run_config(accelerator, cfg, extra)
-    config["run_name"] = run_name
+    config.update(
+        {
+            "run_name": identity.name,
+            "wandb_project": identity.project,
+            "wandb_entity": identity.entity,
+            "wandb_group": identity.group,
+            "wandb_tags": identity.tags,
+        }
+    )
     wandb_kwargs: dict[str, Any] = {
-        "name": run_name,
+        "name": identity.name,
         "config": config,
-        "group": cfg.track.wandb_group,
-        "tags": list(cfg.track.wandb_tags) or None,
-        "job_type": "train",
+        "entity": identity.entity,
+        "group": identity.group,
+        "tags": identity.tags or None,
+        "job_type": job_type,
     }
     if not os.environ.get("WANDB_DIR") and cfg.train.output_dir:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         wandb_kwargs["dir"] = str(cfg.train.output_dir)
-    project = cfg.track.wandb_project
+    project = identity.project
     try:
         accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs})
     except _wandb_error_types() as exc:

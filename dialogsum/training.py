@@ -175,7 +175,7 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     batches = TrainBatches(accelerator, train_loader, sampler, state, resume_from)
     log = LogWindow(accelerator, state, resume_from, t.output_dir)
-    saver = Checkpointer(accelerator, cfg, state, log, params)
+    saver = Checkpointer(accelerator, cfg, state, log, params, model)
     history = History(accelerator, t.output_dir, keep_from_step=state.step)
     every = int(t.checkpointing_steps) if str(t.checkpointing_steps).isdigit() else 0
     progress = tqdm(
@@ -452,9 +452,16 @@ class Checkpointer:
     """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones."""
 
     def __init__(
-        self, accelerator: Any, cfg: Config, state: TrainState, log: LogWindow, params: list[torch.nn.Parameter]
+        self,
+        accelerator: Any,
+        cfg: Config,
+        state: TrainState,
+        log: LogWindow,
+        params: list[torch.nn.Parameter],
+        model: torch.nn.Module | None = None,
     ) -> None:
         self.accelerator, self.cfg, self.state, self.log, self.params = accelerator, cfg, state, log, params
+        self.model = model  # saved loadable in each checkpoint
         self.last_saved = -1
         if accelerator.is_main_process:
             remove_leftovers(cfg.train.output_dir)  # partial folders of a run killed while saving
@@ -474,7 +481,7 @@ class Checkpointer:
         if sums[3].item() < accelerator.num_processes:
             raise diverged("weights are not finite (not saving this state)", state.step, t.output_dir)
         own = log.save_to(state, tokens=int(sums[1].item()), samples=int(sums[2].item()))
-        path = save_checkpoint(accelerator, t.output_dir, state, self.cfg, process_state=own)
+        path = save_checkpoint(accelerator, t.output_dir, state, self.cfg, process_state=own, model=self.model)
         self.last_saved = state.step
         if accelerator.is_main_process:
             prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)

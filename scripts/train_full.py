@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg = steps.with_quickstart_assets(cfg, accelerator)  # --quickstart: the generated tiny model and data
         steps.check_and_seed(cfg, run, accelerator)  # fp16 with T5, a checkpoint of other settings: refused here
         splits = data.load_splits(cfg.data, run.splits)
-        tokenizer, model = modeling.load_for_training(cfg.model, accelerator)
+        tokenizer, model = modeling.load_for_training(cfg.model, accelerator, cfg.gen)  # + generation settings
         params = steps.write_run_settings(accelerator, cfg, model, run.out)  # config.yaml, parameters.json
         result = size_mb = None
         if t.do_train:
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result = training.train_loop(
                 accelerator, model, optimizer, scheduler, loader, sampler, cfg, total_steps, state, evaluate, run.resume
             )
+            checkpointing.load_best_model(accelerator, cfg, result.state)  # --load_best_model_at_end
             size_mb = modeling.save_model(accelerator, model, tokenizer, run.out)  # weights + config + tokenizer
         else:  # --do_train false: evaluate the starting model
             tracking.start_tracking(accelerator, cfg, {"parameters": params})
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scores, predictions = steps.evaluate_run(accelerator, model, tokenizer, splits, cfg)
         metrics = steps.run_metrics(accelerator, cfg, params, scores, result, size_mb)
         steps.write_results(accelerator, run.out, cfg, metrics, predictions)  # metrics, predictions, report, card
+        steps.publish(accelerator, cfg, run)  # --push_to_hub: model, tokenizer, card, metrics, report
         tracking.finish_tracking(
             accelerator, metrics, predictions, params, run.out, cfg.track.log_model, step=metrics.get("train_steps")
         )

@@ -408,3 +408,84 @@ def test_quickstart_training_logs_the_same_values_to_wandb_tensorboard_and_files
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and str(out / "quickstart_assets") in card
     assert f"value: {round(100 * metrics['rouge1'], 2)}" in card
+
+
+# ------------------------------------------------------------------- W&B environment, evaluation, provenance
+
+
+def test_wandb_environment_variables_apply_when_the_flags_are_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    plain = tracking.run_identity(build_config("lora", {"output_dir": "o"}))
+    assert (plain.project, plain.entity, plain.group, plain.tags) == ("dialogsum", None, None, [])
+    assert re.fullmatch(r"lora-\d{8}-\d{6}", plain.name)
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_NAME", "env-name")
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "env-group")
+    monkeypatch.setenv("WANDB_TAGS", "a, b,,c")
+    env = tracking.run_identity(build_config("lora", {"output_dir": "o"}))
+    assert env == tracking.RunIdentity("env-project", "env-name", "env-team", "env-group", ["a", "b", "c"])
+    flags = {"wandb_project": "p", "run_name": "n", "wandb_entity": "e", "wandb_group": "g", "wandb_tags": ["t"]}
+    given = tracking.run_identity(build_config("lora", {"output_dir": "o", **flags}))
+    assert given == tracking.RunIdentity("p", "n", "e", "g", ["t"])  # flags win
+
+
+def test_offline_run_takes_project_group_name_and_tags_from_the_environment(
+    wandb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-7")
+    monkeypatch.setenv("WANDB_NAME", "trial-3")
+    monkeypatch.setenv("WANDB_TAGS", "sweep,cpu")
+    out = tmp_path / "run"
+    cfg = build_config("full", {"output_dir": str(out), "report_to": "wandb"})
+    accelerator = Accelerator(cpu=True, log_with=tracking.resolve_trackers("wandb"))
+    tracking.start_tracking(accelerator, cfg)
+    accelerator.log({"train/loss": 1.0}, step=1)
+    accelerator.end_training()
+    run = load_run(find_run_file(out / "wandb"))
+    assert (run.project, run.group, run.name, run.tags) == ("from-env", "sweep-7", "trial-3", ["sweep", "cpu"])
+    assert run.config["wandb_project"] == "from-env" and run.config["wandb_group"] == "sweep-7"
+
+
+def test_evaluate_logs_the_zero_shot_baseline_next_to_the_training_runs(
+    wandb_env: Path, tmp_path: Path, trained_tiny_model: Path, synthetic_data_dir: Path
+) -> None:
+    """scripts/evaluate.py --report_to wandb: a real offline run of job type eval, in the project and group of
+    the training runs (taken from the environment here), with the scores of metrics.json; metrics.json records
+    the command line, the git commit and the package versions."""
+    out = tmp_path / "zero_shot"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(
+        {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+         "WANDB_PROJECT": "lab", "WANDB_RUN_GROUP": "lab-1"}
+    )  # fmt: skip
+    args = [
+        sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model_name_or_path", str(trained_tiny_model),
+        "--test_file", str(synthetic_data_dir / "test.jsonl"), "--max_test_samples", "8", "--max_new_tokens", "16",
+        "--output_dir", str(out), "--report_to", "wandb", "--wandb_tags", "baseline",
+    ]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = load_run(find_run_file(out / "wandb"))
+    assert run.exited and (run.project, run.group, run.tags) == ("lab", "lab-1", ["baseline"])
+    assert run.name.startswith("eval-") and run.config["max_new_tokens"] == 16
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert run.summary[key] == pytest.approx(metrics[key]), key
+    assert [row for row in run.history if "predictions/nrows" in row][0]["predictions/nrows"] == 8
+    assert metrics["command"].startswith("python scripts/evaluate.py --model_name_or_path")
+    assert "--report_to wandb" in metrics["command"]
+    assert metrics["package_versions"]["torch"] == torch.__version__ and "transformers" in metrics["package_versions"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert metrics["git_commit"] == head.stdout.strip() and isinstance(metrics["git_dirty"], bool)
+
+
+def test_evaluate_without_report_to_starts_no_tracker(tmp_path: Path, trained_tiny_model: Path) -> None:
+    from dialogsum.inference import parse_evaluate_args
+
+    cfg = parse_evaluate_args(["--model_name_or_path", str(trained_tiny_model), "--output_dir", str(tmp_path / "o")])
+    assert cfg.track.report_to == "none"

@@ -1,0 +1,136 @@
+"""Merge a LoRA adapter into its base model: a standalone model folder for deployment.
+
+The result loads with ``AutoModelForSeq2SeqLM.from_pretrained`` alone (peft not needed) and generates what base +
+adapter generate: ``model.safetensors`` + ``config.json``, the run's ``generation_config.json``, the tokenizer,
+a model card, and the run's ``config.yaml`` (evaluate.py and summarize.py read the prompt from it) and
+``metrics.json`` when the adapter folder has them. The adapter may be a run's output folder or one of its
+``checkpoint-N/`` folders. Used by ``scripts/export.py`` and by ``train_lora.py --merge_lora``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dialogsum.errors import UserError
+from dialogsum.files import write_bytes, write_text
+from dialogsum.run_folder import check_can_create, check_not_an_input
+
+logger = logging.getLogger(__name__)
+
+#: Files of the adapter folder copied into the export as they are.
+COPIED_FILES = ("config.yaml", "metrics.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def adapter_base(adapter_path: str | Path) -> str | None:
+    """The base model an adapter was trained on (``base_model_name_or_path`` of ``adapter_config.json``)."""
+    try:
+        config = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("base_model_name_or_path") if isinstance(config, dict) else None
+
+
+def check_export(adapter_path: str, output_dir: str, base: str | None, overwrite: bool) -> str:
+    """Every check that needs no weights: the adapter folder, its base model, the output folder (never an
+    input, creatable, empty unless ``overwrite``). Returns the base model to use."""
+    from dialogsum.inference import check_model_and_adapter
+
+    if not Path(adapter_path).is_dir():
+        raise UserError(f"--adapter_path not found: {adapter_path}")
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        full = (
+            " (it holds a full model, which needs no merging)" if (Path(adapter_path) / "config.json").is_file() else ""
+        )
+        raise UserError(f"{adapter_path} is not a LoRA adapter folder (no adapter_config.json){full}")
+    base = base or adapter_base(adapter_path)
+    if not base:
+        raise UserError(f"{adapter_path} does not name its base model; pass --model_name_or_path")
+    check_model_and_adapter(base, adapter_path)
+    out = Path(output_dir)
+    inputs = [("--adapter_path", Path(adapter_path).resolve())]
+    if Path(base).exists():
+        inputs.append(("--model_name_or_path", Path(base).resolve()))
+    check_not_an_input(out, "--output_dir", inputs)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output_dir {out} is not empty; pass --overwrite_output_dir to replace it")
+    check_can_create(out, "--output_dir")
+    return base
+
+
+def merge_adapter(adapter_path: str | Path, base: str) -> tuple[Any, Any]:
+    """(merged model, tokenizer): ``base`` with the adapter's LoRA updates added into its weights, and the
+    adapter's generation config (the run's generation settings) as its own."""
+    from transformers import GenerationConfig
+
+    from dialogsum.modeling import load_adapter, load_model, load_tokenizer
+
+    folder = Path(adapter_path)
+    model = load_model(base, fused_activations=False)  # the saved modules stay transformers' own
+    merged = load_adapter(model, str(folder)).merge_and_unload()
+    if (folder / "generation_config.json").is_file():
+        merged.generation_config = GenerationConfig.from_pretrained(str(folder))
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(str(folder) if has_tokenizer else base)
+    merged.eval()
+    return merged, tokenizer
+
+
+def export_merged(adapter_path: str | Path, output_dir: str | Path, base: str) -> Path:
+    """Write the merged model of ``adapter_path`` on ``base`` to ``output_dir`` (replacing it whole).
+
+    Everything is written into a temporary sibling folder first and renamed into place at the end, so a
+    failure or a kill never leaves a half-written model under ``output_dir``. Returns ``output_dir``.
+    """
+    from dialogsum.model_card import write_model_card
+
+    folder, out = Path(adapter_path), Path(output_dir)
+    model, tokenizer = merge_adapter(folder, base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_text(tmp / "generation_config.json", model.generation_config.to_json_string())
+        for name in COPIED_FILES:
+            if (folder / name).is_file():
+                write_bytes(tmp / name, (folder / name).read_bytes())
+        metrics = _read_json(folder / "metrics.json")
+        config = _read_yaml(folder / "config.yaml") or {"method": "lora", "model_name_or_path": base}
+        write_model_card(tmp, metrics, config, merged=True)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, trash / out.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("merged %s into %s: %s (loads without peft)", folder, base, out)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
