@@ -68,6 +68,7 @@ RESUME_KEYS = (
     "group_by_length",
     "seed",
     "per_device_train_batch_size",
+    "max_tokens_per_batch",
     "gradient_accumulation_steps",
     "learning_rate",
     "weight_decay",

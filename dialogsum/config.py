@@ -37,6 +37,7 @@ LAB_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 1e-3}
 
 METHODS = ("full", "lora")
+LENGTH_BUCKET_CHOICES = ("auto", "on", "off")
 REPORT_TO_CHOICES = ("all", "wandb", "tensorboard", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 BEST_METRICS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -116,6 +117,18 @@ class DataArguments:
     )
     group_by_length: bool = _help(
         "Batch training examples of similar length (seeded, random batch order): far less padding.", default=True
+    )
+    max_tokens_per_batch: int | None = _help(
+        "Token-budget training batches: as many (length-grouped) examples as fit N padded tokens, examples x "
+        "(prompt width + summary width), instead of --per_device_train_batch_size examples. The batch then "
+        "varies in examples: see the README for the learning rate.",
+        default=None,
+    )
+    length_buckets: str = _help(
+        "Pad batches up to a few widths (16, 24, 32, 48, 64, 96, ... up to the max lengths), so that a compiled "
+        "model sees a few shapes instead of one per batch: auto (on when the accelerate config compiles, i.e. "
+        "sets a dynamo_backend), on or off.",
+        default="auto",
     )
     strict: bool = _help("Refuse rows with an empty dialogue/summary instead of skipping them.", default=False)
 
@@ -591,6 +604,19 @@ def validate(cfg: Config) -> None:
         _positive(name, getattr(d, name), allow_none=False)
     for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "subsample_every"):
         _positive(name, getattr(d, name))
+    if d.length_buckets not in LENGTH_BUCKET_CHOICES:
+        raise ConfigError(
+            f"--length_buckets must be one of {', '.join(LENGTH_BUCKET_CHOICES)}, got {d.length_buckets!r}"
+        )
+    if d.max_tokens_per_batch is not None:
+        _positive("max_tokens_per_batch", d.max_tokens_per_batch)
+        largest = d.max_source_length + d.max_target_length  # the widest example, padded, takes this many
+        if d.max_tokens_per_batch < largest:
+            raise ConfigError(
+                f"--max_tokens_per_batch {d.max_tokens_per_batch} does not fit one example of the maximum size: "
+                f"--max_source_length {d.max_source_length} + --max_target_length {d.max_target_length} = {largest} "
+                f"padded tokens; use at least {largest}"
+            )
     for name in (
         "per_device_train_batch_size",
         "per_device_eval_batch_size",

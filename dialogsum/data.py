@@ -340,26 +340,73 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, args: DataArguments) -> tuple
     return TokenizedDataset(input_ids, labels), stats
 
 
+def bucket_widths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """The widths a padded dimension may take: powers of two from ``smallest`` and the midpoints 1.5x between
+    them (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512), below ``max_length``, then ``max_length`` itself.
+
+    Rounding a width up to the next bucket wastes at most a third of it; a compiled model sees a handful of
+    shapes instead of one per batch (with CUDA graphs, one recorded graph per shape).
+    """
+    widths: list[int] = []
+    power = smallest
+    while power < max_length:
+        widths.extend(w for w in (power, power * 3 // 2) if w < max_length)
+        power *= 2
+    return (*widths, max_length)
+
+
+@dataclass(frozen=True)
+class PadWidths:
+    """How wide a batch is padded: to its longest prompt and summary, or up to the next length bucket.
+
+    Empty buckets (the default) mean dynamic padding to the longest example. Both the collator (which pads)
+    and the token-budget sampler (which must know the padded size of a batch before it exists) use this.
+    """
+
+    source_buckets: tuple[int, ...] = ()
+    """Allowed prompt widths, ascending (empty: the longest prompt of the batch)."""
+    target_buckets: tuple[int, ...] = ()
+    """Allowed summary widths, ascending (empty: the longest summary of the batch)."""
+
+    @classmethod
+    def bucketed(cls, max_source_length: int, max_target_length: int) -> PadWidths:
+        """Length buckets up to the truncation lengths (see :func:`bucket_widths`)."""
+        return cls(bucket_widths(max_source_length), bucket_widths(max_target_length))
+
+    @staticmethod
+    def _round(longest: int, buckets: tuple[int, ...]) -> int:
+        # a width above the last bucket (a sequence longer than the truncation length) stays as it is
+        return next((b for b in buckets if b >= longest), longest)
+
+    def source(self, longest: int) -> int:
+        """Padded prompt width of a batch whose longest prompt has ``longest`` tokens."""
+        return self._round(longest, self.source_buckets)
+
+    def target(self, longest: int) -> int:
+        """Padded summary width of a batch whose longest summary has ``longest`` tokens."""
+        return self._round(longest, self.target_buckets)
+
+    def padded_tokens(self, examples: int, longest_source: int, longest_target: int) -> int:
+        """Positions of a padded batch: examples x (prompt width + summary width)."""
+        return examples * (self.source(longest_source) + self.target(longest_target))
+
+
 class Seq2SeqCollator:
-    """Dynamic padding to the longest example in the batch; labels padded with -100 (ignored by the loss).
+    """Pads a batch to its longest example (or up to a length bucket, see :class:`PadWidths`); labels padded
+    with -100 and prompts with attention mask 0, so padding never enters the loss.
 
     Also returns ``num_tokens``: the real (non-pad) prompt + label tokens, for throughput accounting.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, widths: PadWidths | None = None) -> None:
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def _width(self, seqs: Sequence[Sequence[int]]) -> int:
-        width = max(len(s) for s in seqs)
-        if self.pad_to_multiple_of:
-            width = int(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of)
-        return width
+        self.widths = widths or PadWidths()
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         sources = [f["input_ids"] for f in features]
         targets = [f["labels"] for f in features]
-        src_w, tgt_w = self._width(sources), self._width(targets)
+        src_w = self.widths.source(max(len(s) for s in sources))
+        tgt_w = self.widths.target(max(len(t) for t in targets))
         input_ids = torch.full((len(features), src_w), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(features), src_w), dtype=torch.long)
         labels = torch.full((len(features), tgt_w), -100, dtype=torch.long)
@@ -379,49 +426,130 @@ class Seq2SeqCollator:
 # --------------------------------------------------------------------------------------------- batching
 
 
+@dataclass(frozen=True)
+class TokenBudget:
+    """Batches of as many examples as fit ``max_tokens`` padded positions (fairseq's ``--max-tokens``).
+
+    The cost of a batch is what the collator will build: examples x (padded prompt width + padded summary
+    width), with the same :class:`PadWidths`. Every single example must fit.
+    """
+
+    max_tokens: int
+    """Padded prompt + summary positions allowed per batch."""
+    source_lengths: Sequence[int]
+    """Prompt tokens of each example."""
+    target_lengths: Sequence[int]
+    """Summary tokens of each example."""
+    widths: PadWidths = PadWidths()
+    """How the collator pads (buckets or not)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError("max_tokens must be positive")
+        if len(self.source_lengths) != len(self.target_lengths):
+            raise ValueError("source_lengths and target_lengths differ in length")
+        if self.source_lengths:
+            largest = max(self.widths.padded_tokens(1, s, t) for s, t in zip(self.source_lengths, self.target_lengths))
+            if largest > self.max_tokens:
+                raise ValueError(f"an example takes {largest} padded tokens, more than max_tokens={self.max_tokens}")
+
+    def pack(self, order: Sequence[int]) -> list[list[int]]:
+        """Cut ``order`` into consecutive batches, each as long as the budget allows."""
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        longest_src = longest_tgt = 0
+        for index in order:
+            src = max(longest_src, self.source_lengths[index])
+            tgt = max(longest_tgt, self.target_lengths[index])
+            if batch and self.widths.padded_tokens(len(batch) + 1, src, tgt) > self.max_tokens:
+                batches.append(batch)
+                batch, src, tgt = [], self.source_lengths[index], self.target_lengths[index]
+            batch.append(index)
+            longest_src, longest_tgt = src, tgt
+        if batch:
+            batches.append(batch)
+        return batches
+
+
 class LengthGroupedBatchSampler:
     """Training batches: every example exactly once per epoch, order fixed by (seed, epoch).
 
-    With ``group_by_length`` the indices are shuffled, cut into mega-chunks of ``batch_size * mega_batches``,
-    sorted by length inside each chunk, cut into batches, and the batches shuffled: batches hold examples of
-    similar length (little padding) yet arrive in random order. Without it: plain random batches.
+    With ``group_by_length`` the indices are shuffled, cut into mega-chunks of ``mega_batches`` batches, sorted
+    by length inside each chunk, cut into batches, and the batches shuffled: batches hold examples of similar
+    length (little padding) yet arrive in random order. Without it: plain random batches.
+
+    Batches hold ``batch_size`` examples (the last one of an epoch fewer), or, with a :class:`TokenBudget`, as
+    many as fit its padded-token budget: many short examples or a few long ones, so that each batch does about
+    the same work. Their number then varies a little from epoch to epoch (:meth:`num_batches`), and
+    ``batch_size`` is None, which tells accelerate's sharder that batches differ in size.
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True, mega_batches: int = 50
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        mega_batches: int = 50,
+        budget: TokenBudget | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if budget is not None and len(budget.source_lengths) != len(lengths):
+            raise ValueError("the token budget's lengths do not match the sampler's")
         self.lengths = list(lengths)
-        self.batch_size = batch_size
+        self.budget = budget
+        self.batch_size: int | None = None if budget is not None else batch_size
         self.seed = seed
         self.group_by_length = group_by_length
         self.mega_batches = mega_batches
         self.epoch = 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+        # examples per mega-chunk: mega_batches batches of the fixed size, or of the budget's mean batch
+        mean_length = sum(self.lengths) / max(len(self.lengths), 1)
+        per_batch = batch_size if budget is None else max(1, int(budget.max_tokens // max(mean_length, 1)))
+        self.chunk = per_batch * mega_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order :meth:`__iter__` gives (accelerate's prepared loader calls this too)."""
         self.epoch = epoch
 
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        if self.budget is not None:
+            return self.budget.pack(order)
+        size = self.batch_size or 1
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """All batches of an epoch, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch))
+        epoch = self.epoch if epoch is None else epoch
+        if self._cached is not None and self._cached[0] == epoch:
+            return [list(b) for b in self._cached[1]]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if not self.group_by_length:
-            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        chunk = self.batch_size * self.mega_batches
-        batches: list[list[int]] = []
-        for start in range(0, len(order), chunk):
-            block = sorted(order[start : start + chunk], key=lambda i: self.lengths[i], reverse=True)
-            batches.extend(block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size))
-        permutation = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in permutation]
+            batches = self._cut(order)
+        else:
+            batches = []
+            for start in range(0, len(order), self.chunk):
+                block = sorted(order[start : start + self.chunk], key=lambda i: self.lengths[i], reverse=True)
+                batches.extend(self._cut(block))
+            permutation = torch.randperm(len(batches), generator=generator).tolist()
+            batches = [batches[i] for i in permutation]
+        self._cached = (epoch, batches)
+        return [list(b) for b in batches]
+
+    def num_batches(self, epoch: int | None = None) -> int:
+        """Batches in an epoch (all processes together); with a token budget it varies by epoch."""
+        if self.budget is None:
+            return math.ceil(len(self.lengths) / (self.batch_size or 1))
+        return len(self.batches(epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches()
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return self.num_batches()
 
 
 def padding_fraction(

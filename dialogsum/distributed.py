@@ -2,7 +2,7 @@
 
 The same training code runs on one CPU, several CPU processes (gloo), one or many GPUs (DDP), DeepSpeed
 ZeRO-2/3, FSDP and several machines; only ``accelerate launch --config_file accelerate_configs/<x>.yaml``
-changes. Three things go wrong silently if left to defaults, and this module fixes or refuses each:
+changes. Four things go wrong silently if left to defaults, and this module fixes or refuses each:
 
 * **One process instead of N.** ``accelerate launch --cpu --num_processes 2`` and a ``distributed_type:
   MULTI_CPU`` config start ONE process, which then trains alone. A ``MULTI_GPU`` + ``use_cpu`` config starts N
@@ -13,6 +13,11 @@ changes. Three things go wrong silently if left to defaults, and this module fix
   misleading "train_batch_size is not equal to ..." error.
 * **Half the CPU.** The launcher exports ``OMP_NUM_THREADS=1`` to a single CPU process unless ``--cpu`` /
   ``use_cpu`` is given; torch then uses one core. We give each process its share of the cores instead.
+* **An uncompiled DeepSpeed run.** The GPU configs compile the model (``dynamo_config``); accelerate's
+  DeepSpeed launcher does not pass that section on to the processes (its other launchers do), so
+  :func:`build_accelerator` reads it from the launcher's config file and passes it on itself.
+
+On a GPU, fp32 matmuls run as TF32 where the GPU has TF32 tensor cores (:func:`dialogsum.precision.enable_tf32`).
 
 :func:`finish` tears the process group down cleanly (gloo aborts at interpreter exit about one run in four
 otherwise).
@@ -23,15 +28,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin
 
 from dialogsum.cpu_runtime import tune_cpu_runtime
 from dialogsum.errors import UserError
-from dialogsum.precision import cpu_mixed_precision_override
+from dialogsum.precision import cpu_mixed_precision_override, enable_tf32
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,9 @@ class LaunchRequest:
     """The user chose the thread count (``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` set)."""
     source: str
     """Where the numbers come from, for messages (``accelerate launch`` command line, environment)."""
+    dynamo: dict[str, Any] = field(default_factory=dict)
+    """The launcher's compile settings (``dynamo_backend``, ``dynamo_use_regional_compilation``, ...): the config
+    file's ``dynamo_config``, or the ``--dynamo_*`` flags when given."""
 
 
 def _launcher_argv() -> tuple[list[str], dict[str, str]] | None:
@@ -116,6 +125,7 @@ def launch_request_from_argv(argv: list[str], launcher_env: dict[str, str]) -> L
         return None
     num_processes = args.num_processes
     use_cpu = bool(args.cpu)
+    dynamo: dict[str, Any] = {}
     config_file = args.config_file
     if config_file is None:
         from accelerate.commands.config import default_config_file
@@ -133,12 +143,51 @@ def launch_request_from_argv(argv: list[str], launcher_env: dict[str, str]) -> L
             if num_processes is None and getattr(config, "num_processes", None) not in (None, -1):
                 num_processes = int(config.num_processes)
             use_cpu = use_cpu or bool(getattr(config, "use_cpu", False))
+            # accelerate prefixes dynamo_config's keys with dynamo_ when they lack it
+            found = getattr(config, "dynamo_config", None) or {}
+            dynamo = {k if k.startswith("dynamo_") else f"dynamo_{k}": v for k, v in found.items()}
+    if args.dynamo_backend is not None:  # the command line wins over the config file
+        dynamo = {
+            "dynamo_backend": args.dynamo_backend,
+            "dynamo_mode": args.dynamo_mode,
+            "dynamo_use_fullgraph": args.dynamo_use_fullgraph,
+            "dynamo_use_regional_compilation": args.dynamo_use_regional_compilation,
+        }
+        if args.dynamo_use_dynamic is not None:
+            dynamo["dynamo_use_dynamic"] = args.dynamo_use_dynamic
     return LaunchRequest(
         num_processes=num_processes,
         use_cpu=use_cpu,
         threads_explicit=args.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in launcher_env,
         source="the `accelerate launch` command line and config file",
+        dynamo=dynamo,
     )
+
+
+def _flag(value: Any) -> bool:
+    """A YAML or command-line boolean (``true``, ``"True"``, ``1``)."""
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def dynamo_plugin_from(settings: dict[str, Any]) -> TorchDynamoPlugin | None:
+    """The compile settings of a launcher config (:attr:`LaunchRequest.dynamo`) as accelerate's plugin, or None
+    when they do not compile (no ``dynamo_backend``, or ``no``)."""
+    backend = str(settings.get("dynamo_backend") or "no").upper()
+    if backend == "NO":
+        return None
+    dynamic = settings.get("dynamo_use_dynamic")
+    return TorchDynamoPlugin(
+        backend=backend,
+        mode=str(settings.get("dynamo_mode") or "default"),
+        fullgraph=_flag(settings.get("dynamo_use_fullgraph", False)),
+        dynamic=None if dynamic is None else _flag(dynamic),
+        use_regional_compilation=_flag(settings.get("dynamo_use_regional_compilation", False)),
+    )
+
+
+def compiles(accelerator: Accelerator) -> bool:
+    """Whether ``prepare`` compiles the model (the launcher config sets a ``dynamo_backend``)."""
+    return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
 
 
 def read_launch_request() -> LaunchRequest:
@@ -216,6 +265,11 @@ def build_accelerator(
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
     # bf16 autocast on the CPU only where it is native (emulated bf16 is slower than fp32; fp16 is refused)
     mixed_precision = cpu_mixed_precision_override() if on_cpu and not deepspeed else None
+    dynamo_plugin = None
+    if deepspeed and not on_cpu and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+        # accelerate's DeepSpeed launcher does not export the config's dynamo_config as ACCELERATE_DYNAMO_*
+        # (its other launchers do), so the model would silently stay uncompiled: pass the settings on ourselves
+        dynamo_plugin = dynamo_plugin_from(request.dynamo)
     accelerator = Accelerator(
         # cpu=True makes accelerate treat a multi-process CPU launch as MULTI_CPU instead of N lone processes.
         # DeepSpeed must not get it: accelerate would then skip DeepSpeed's own initialisation.
@@ -225,6 +279,7 @@ def build_accelerator(
         project_dir=project_dir,
         kwargs_handlers=kwargs_handlers,
         mixed_precision=mixed_precision,
+        dynamo_plugin=dynamo_plugin,
     )
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
@@ -245,6 +300,15 @@ def build_accelerator(
     if accelerator.device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
         _set_cpu_threads(request, local_world)
+    enable_tf32(accelerator.device)  # fp32 matmuls on TF32 tensor cores, where the GPU has them
+    if compiles(accelerator):
+        plugin = accelerator.state.dynamo_plugin
+        logger.info(
+            "compiling the model: %s, mode %s%s (launcher config; dynamo_backend: 'no' turns it off)",
+            plugin.backend.value.lower(),
+            plugin.mode,
+            ", regional (one T5 block compiled, reused)" if plugin.use_regional_compilation else "",
+        )
     return accelerator
 
 

@@ -95,7 +95,9 @@ def generate_summaries(
         real = position < len(batches)
         batch = batches[position] if real else batches[-1]  # filler keeps ranks in step; discarded
         input_ids, mask = _pad_batch([ids[i] for i in batch], tokenizer.pad_token_id)
-        with accelerator.autocast():
+        # eager even when training compiled the model: every decoding step has new shapes (recompiles, then
+        # torch's recompile limit), and generation is short next to training
+        with torch.compiler.set_stance("force_eager"), accelerator.autocast():
             out = unwrapped.generate(
                 input_ids=input_ids.to(accelerator.device), attention_mask=mask.to(accelerator.device), **kwargs
             )

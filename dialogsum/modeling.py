@@ -336,7 +336,10 @@ def save_model_files(accelerator: Any, model: torch.nn.Module, tokenizer: Any, o
     """
     out = Path(output_dir)
     state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
+    if state_dict is not None:
+        # a model compiled by regions (the GPU launcher configs) names its tensors "<block>._orig_mod.<name>"
+        state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(

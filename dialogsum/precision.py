@@ -1,4 +1,4 @@
-"""Mixed precision on the CPU: bf16 autocast only where the CPU computes bf16 matmuls fast.
+"""Precision: bf16 autocast on the CPU only where it computes bf16 matmuls fast; TF32 matmuls on the GPU.
 
 bf16 autocast speeds a training step up only where bf16 matmuls beat fp32. On CPUs without native bf16
 (AVX-512 without the BF16 extension, e.g. the m5 instance class, or AVX2 only) oneDNN emulates bf16, which is
@@ -9,6 +9,10 @@ fp16 matmuls are far slower than fp32.
 
 ``DIALOGSUM_CPU_BF16`` overrides the detection: ``auto`` (default), ``force`` (use bf16 even where it is
 emulated, e.g. to measure it) or ``off`` (always fp32 on the CPU).
+
+On CUDA GPUs with TF32 tensor cores (compute capability 8.0 and newer: A100, A10G, L4, H100, ...) fp32 matmuls
+run in TF32 (:func:`enable_tf32`): the fp32 path (``mixed_precision: 'no'``) and every matmul left in fp32 under
+bf16 autocast. ``DIALOGSUM_TF32=off`` keeps full fp32 (IEEE) matmuls.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ logger = logging.getLogger(__name__)
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 ENV_OVERRIDE = "DIALOGSUM_CPU_BF16"
+TF32_ENV = "DIALOGSUM_TF32"
+#: The first CUDA compute capability with TF32 tensor cores (Ampere).
+TF32_CAPABILITY = (8, 0)
 OVERRIDE_CHOICES = ("auto", "force", "off")
 #: bf16 is kept only when a bf16 matmul beats fp32 by at least this factor (timing noise margin).
 MIN_BF16_SPEEDUP = 1.1
@@ -162,3 +169,40 @@ def cpu_mixed_precision_override() -> str | None:
     chosen, reason = resolve_cpu_precision(requested)
     logger.info("CPU precision: %s", reason)
     return None if chosen == requested else chosen
+
+
+def tf32_decision(capability: tuple[int, int] | None, setting: str | None = None) -> tuple[bool, str]:
+    """Whether to run fp32 matmuls in TF32 on a GPU of this CUDA compute ``capability`` (None: not a CUDA
+    device), and why; ``setting`` is ``DIALOGSUM_TF32`` (``on``/unset or ``off``)."""
+    value = (setting or "on").strip().lower()
+    if value not in ("on", "off"):
+        raise UserError(f"{TF32_ENV}={setting!r}: expected on or off")
+    if capability is None:
+        return False, "not a CUDA device"
+    if value == "off":
+        return False, f"fp32 (IEEE) matmuls ({TF32_ENV}=off)"
+    if tuple(capability) < TF32_CAPABILITY:
+        return False, f"fp32 matmuls (compute capability {capability[0]}.{capability[1]} has no TF32)"
+    return True, f"TF32 matmuls (compute capability {capability[0]}.{capability[1]}; {TF32_ENV}=off for IEEE fp32)"
+
+
+def enable_tf32(device: Any) -> bool:
+    """Let fp32 matmuls and convolutions on a CUDA ``device`` use TF32 tensor cores where the GPU has them
+    (see :func:`tf32_decision`), or keep them IEEE fp32; returns whether TF32 is on. Does nothing on other
+    devices.
+
+    Set with the ``allow_tf32`` switches, as accelerate itself sets them: torch 2.13 refuses to mix these with
+    its newer per-backend ``fp32_precision`` settings (``torch.get_float32_matmul_precision()`` then raises,
+    and inductor calls it while compiling).
+    """
+    import torch
+
+    device = torch.device(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    enabled, reason = tf32_decision(capability, os.environ.get(TF32_ENV))
+    if device.type == "cuda":
+        logger.info("GPU precision: %s", reason)
+        # both ways: accelerate switches TF32 on by itself when it compiles an fp32 model
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+    return enabled

@@ -22,14 +22,16 @@ from dialogsum.checkpointing import check_compatible, read_state, resolve_resume
 from dialogsum.config import Config
 from dialogsum.data import (
     LengthGroupedBatchSampler,
+    PadWidths,
     Seq2SeqCollator,
+    TokenBudget,
     TokenizedDataset,
     check_data_sources,
     check_prompt_fits,
     eval_examples,
     tokenize_rows,
 )
-from dialogsum.distributed import set_deepspeed_micro_batch, topology
+from dialogsum.distributed import compiles, set_deepspeed_micro_batch, topology
 from dialogsum.errors import UserError
 from dialogsum.evaluation import evaluate_with_config, evaluation_loss
 from dialogsum.files import write_json, write_jsonl
@@ -155,18 +157,41 @@ def write_run_settings(accelerator: Any, cfg: Config, model: torch.nn.Module, ou
     return params
 
 
+def pad_widths(cfg: Config, accelerator: Any) -> PadWidths:
+    """Length buckets (``--length_buckets on``, or ``auto`` when the launcher config compiles the model) or
+    dynamic padding to the longest example of each batch."""
+    d = cfg.data
+    bucketed = d.length_buckets == "on" or (d.length_buckets == "auto" and compiles(accelerator))
+    if not bucketed:
+        return PadWidths()
+    widths = PadWidths.bucketed(d.max_source_length, d.max_target_length)
+    logger.info(
+        "length buckets: prompts padded to one of %s tokens, summaries to one of %s",
+        ", ".join(map(str, widths.source_buckets)),
+        ", ".join(map(str, widths.target_buckets)),
+    )
+    return widths
+
+
 def build_dataloaders(
-    cfg: Config, splits: dict[str, list[dict]], tokenizer: Any
+    cfg: Config, splits: dict[str, list[dict]], tokenizer: Any, accelerator: Any
 ) -> tuple[DataLoader, LengthGroupedBatchSampler, DataLoader | None]:
-    """Training loader (length-grouped, seeded) and, with ``--eval_steps``, a validation-loss loader (sorted)."""
-    collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id)
+    """Training loader (length-grouped, seeded; ``--max_tokens_per_batch``: token-budget batches) and, with
+    ``--eval_steps``, a validation-loss loader (sorted)."""
+    widths = pad_widths(cfg, accelerator)
+    collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, widths=widths)
     train_ds, stats = tokenize_rows(splits["train"], tokenizer, cfg.data)
     logger.info(stats.describe("train"))
+    budget = None
+    if cfg.data.max_tokens_per_batch is not None:
+        sources, targets = [len(x) for x in train_ds.input_ids], [len(x) for x in train_ds.labels]
+        budget = TokenBudget(cfg.data.max_tokens_per_batch, sources, targets, widths)
     sampler = LengthGroupedBatchSampler(
         train_ds.lengths(),
         cfg.train.per_device_train_batch_size,
         seed=cfg.train.seed,
         group_by_length=cfg.data.group_by_length,
+        budget=budget,
     )
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collator)
     val_loader = None

@@ -86,10 +86,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters")
-    # CPU: the fused kernel updates each tensor in one pass; foreach falls back to full-size temporaries there
-    # (flan-t5-base on 2 cores: fused ~0.2 s per step, foreach ~10x slower). GPU: foreach, one launch per group.
-    implementation = {"fused": True} if not torch.cuda.is_available() else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **implementation)
+    # fused: one kernel updates every tensor in one pass. CPU: foreach falls back to full-size temporaries there
+    # (flan-t5-base on 2 cores: fused ~0.2 s per step, foreach ~10x slower). GPU: foreach still launches several
+    # kernels per tensor group and operation, fused a few per step, and the step is bound by launches
+    # (~280 parameter tensors here). DeepSpeed's and FSDP's sharded parameters take the fused kernel too.
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
@@ -104,19 +105,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: 
     )
 
 
-def plan_steps(cfg: Config, batches_per_epoch: int, num_processes: int) -> int:
-    """Total optimizer steps, from the prepared dataloader's length (batches per process); logs the arithmetic."""
+def plan_steps(cfg: Config, sampler: LengthGroupedBatchSampler, num_processes: int) -> int:
+    """Total optimizer steps; logs the arithmetic.
+
+    Each process gets ``ceil(batches / processes)`` of an epoch's batches (accelerate's sharder tops the last
+    round up), cut into windows of ``gradient_accumulation_steps`` (the epoch's last window may be shorter).
+    With ``--max_tokens_per_batch`` the number of batches varies by epoch, so the epochs are counted one by one.
+    """
     t = cfg.train
-    per_epoch = max(math.ceil(batches_per_epoch / t.gradient_accumulation_steps), 1)
-    total = t.max_train_steps or max(int(math.ceil(t.num_train_epochs * per_epoch)), 1)
+
+    def steps_in(epoch: int) -> int:
+        per_process = math.ceil(sampler.num_batches(epoch) / num_processes)
+        return max(math.ceil(per_process / t.gradient_accumulation_steps), 1)
+
+    whole, part = divmod(t.num_train_epochs, 1)
+    total = t.max_train_steps or max(
+        sum(steps_in(e) for e in range(int(whole))) + math.ceil(part * steps_in(int(whole))), 1
+    )
+    per_step = f"{t.gradient_accumulation_steps} accumulation x {num_processes} process(es)"
+    if sampler.budget is None:
+        size = t.per_device_train_batch_size
+        batch = f"{size} per device x {per_step} = {size * t.gradient_accumulation_steps * num_processes} examples"
+    else:
+        tokens = sampler.budget.max_tokens
+        mean = len(sampler.lengths) / sampler.num_batches(0)  # examples per batch, on average
+        batch = (
+            f"up to {tokens} padded tokens per device (~{mean:.1f} examples) x {per_step} = up to "
+            f"{tokens * t.gradient_accumulation_steps * num_processes} tokens"
+        )
     logger.info(
-        "effective batch: %d per device x %d accumulation x %d process(es) = %d examples per optimizer "
-        "step; %d optimizer steps per epoch, %d in total; learning rate %.2e",
-        t.per_device_train_batch_size,
-        t.gradient_accumulation_steps,
-        num_processes,
-        t.per_device_train_batch_size * t.gradient_accumulation_steps * num_processes,
-        per_epoch,
+        "effective batch: %s per optimizer step; %d optimizer steps per epoch, %d in total; learning rate %.2e",
+        batch,
+        steps_in(0),
         total,
         cfg.learning_rate,
     )
@@ -285,10 +305,14 @@ class TrainBatches:
         self.accelerator, self.loader, self.sampler, self.state = accelerator, loader, sampler, state
         self.resume_from = resume_from
         self.world = accelerator.num_processes
-        self.per_epoch = math.ceil(len(sampler.lengths) / sampler.batch_size)  # all processes together
         if state.batches_in_epoch >= self.per_epoch:
             # saved on the last batch of an epoch: the uninterrupted run went straight on to the next epoch
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+    @property
+    def per_epoch(self) -> int:
+        """Batches in the current epoch, all processes together (with a token budget it varies by epoch)."""
+        return self.sampler.num_batches(self.state.epoch)
 
     def epoch_progress(self) -> float:
         """Epochs done, as a fraction (for log lines)."""

@@ -32,11 +32,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         params = steps.write_run_settings(accelerator, cfg, model, run.out)  # config.yaml, parameters.json
         result = size_mb = None
         if t.do_train:
-            loader, sampler, val_loader = steps.build_dataloaders(cfg, splits, tokenizer)
+            loader, sampler, val_loader = steps.build_dataloaders(cfg, splits, tokenizer, accelerator)
             optimizer = training.build_optimizer(model, cfg)
             distributed.set_deepspeed_micro_batch(accelerator, t.per_device_train_batch_size)
             model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
-            total_steps = training.plan_steps(cfg, len(loader), accelerator.num_processes)
+            total_steps = training.plan_steps(cfg, sampler, accelerator.num_processes)
             scheduler = training.build_scheduler(optimizer, cfg, total_steps)  # stepped by the loop, not prepared
             state = checkpointing.start_or_resume(accelerator, cfg, scheduler, run.resume)
             tracking.start_tracking(accelerator, cfg, {"parameters": params, "total_optimizer_steps": total_steps})

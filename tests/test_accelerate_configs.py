@@ -37,6 +37,8 @@ EXPECTED = {
     "multi_node.yaml": ("MULTI_GPU", "bf16", 16),
 }
 LOCAL_CONFIGS = sorted(EXPECTED)
+#: Launcher configs for GPUs: they compile (regional torch.compile); the CPU ones stay eager.
+GPU_CONFIGS = sorted(set(EXPECTED) - {"cpu.yaml", "multi_cpu.yaml"})
 
 
 def test_the_shipped_set_is_complete() -> None:
@@ -162,3 +164,63 @@ def test_sagemaker_config() -> None:
     assert isinstance(config, SageMakerConfig)
     assert config.ec2_instance_type.startswith("ml.")
     assert config.mixed_precision == "bf16"
+
+
+def _request(name: str, *flags: str):
+    from dialogsum.distributed import launch_request_from_argv
+
+    request = launch_request_from_argv(["--config_file", str(CONFIG_DIR / name), *flags, "train.py"], {})
+    assert request is not None
+    return request
+
+
+@pytest.mark.parametrize("name", LOCAL_CONFIGS)
+def test_gpu_configs_compile_regionally_and_cpu_configs_stay_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the child process gets: ACCELERATE_DYNAMO_* from the launcher, or (DeepSpeed, whose launcher drops
+    dynamo_config) the plugin build_accelerator passes on from the config file."""
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+
+    from dialogsum.distributed import dynamo_plugin_from
+
+    args, env = _launch_env(name, monkeypatch)
+    passed_on = dynamo_plugin_from(_request(name).dynamo)
+    if name not in GPU_CONFIGS:
+        assert env["ACCELERATE_DYNAMO_BACKEND"] == "NO" and passed_on is None
+        return
+    assert passed_on is not None and passed_on.backend == DynamoBackend.INDUCTOR
+    assert passed_on.use_regional_compilation and passed_on.dynamic is None and not passed_on.fullgraph
+    if args.use_deepspeed:
+        assert "ACCELERATE_DYNAMO_BACKEND" not in env  # accelerate's gap that build_accelerator closes
+        return
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_DYNAMO_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_DYNAMO_"):
+            monkeypatch.setenv(key, value)
+    plugin = TorchDynamoPlugin()  # as the Accelerator of the child process builds it
+    assert plugin.backend == DynamoBackend.INDUCTOR and plugin.use_regional_compilation
+    assert plugin.dynamic is None, "dynamo_use_dynamic: false would recompile for every batch shape"
+    assert plugin.mode == "default"
+
+
+@pytest.mark.parametrize("name", ["single_gpu.yaml", "deepspeed_zero2.yaml"])
+def test_eager_is_one_flag_away(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dialogsum.distributed import dynamo_plugin_from
+
+    assert dynamo_plugin_from(_request(name, "--dynamo_backend", "no").dynamo) is None
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(CONFIG_DIR / name), "--dynamo_backend", "no", "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.dynamo_backend == "no"
+
+
+def test_one_key_turns_compilation_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The YAML's own opt-out: dynamo_backend: 'NO' (the comment in every GPU config says so)."""
+    from dialogsum.distributed import dynamo_plugin_from
+
+    text = (CONFIG_DIR / "single_gpu.yaml").read_text()
+    assert "dynamo_backend: 'NO'" in text
+    eager = tmp_path / "eager.yaml"
+    eager.write_text(text.replace("dynamo_backend: INDUCTOR", "dynamo_backend: 'NO'"))
+    assert dynamo_plugin_from(_request(str(eager)).dynamo) is None

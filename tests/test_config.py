@@ -185,6 +185,13 @@ def test_yaml_values_the_flag_would_refuse(tmp_path: Path, text: str, message: s
         (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
         (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass only one of them"),
+        (["--length_buckets", "yes"], "--length_buckets must be one of auto, on, off, got 'yes'"),
+        (["--max_tokens_per_batch", "0"], "--max_tokens_per_batch must be > 0, got 0"),
+        (
+            ["--max_tokens_per_batch", "600"],
+            "--max_tokens_per_batch 600 does not fit one example of the maximum size: --max_source_length 512 + "
+            "--max_target_length 128 = 640 padded tokens; use at least 640",
+        ),
     ],
 )
 def test_values_that_make_no_sense(argv: list[str], message: str) -> None:
@@ -197,3 +204,12 @@ def test_switches_take_the_hf_forms() -> None:
     """HfArgumentParser's forms: a bare switch, an explicit value, and --no_<name> for those on by default."""
     cfg = parse_config(["--output_dir", "o", "--strict", "--no_do_eval", "--group_by_length", "false"], "full")
     assert cfg.data.strict is True and cfg.train.do_eval is False and cfg.data.group_by_length is False
+
+
+def test_token_budget_and_length_bucket_flags() -> None:
+    cfg = parse_config(["--output_dir", "o", "--max_tokens_per_batch", "16384", "--length_buckets", "on"], "full")
+    assert cfg.data.max_tokens_per_batch == 16384 and cfg.data.length_buckets == "on"
+    default = parse_config(["--output_dir", "o"], "lora")
+    assert default.data.max_tokens_per_batch is None and default.data.length_buckets == "auto"
+    small = ["--output_dir", "o", "--max_source_length", "96", "--max_target_length", "32"]
+    assert parse_config([*small, "--max_tokens_per_batch", "128"], "full").data.max_tokens_per_batch == 128

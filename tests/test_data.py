@@ -10,12 +10,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from dialogsum.config import DataArguments
 from dialogsum.data import (
     LengthGroupedBatchSampler,
+    PadWidths,
     Seq2SeqCollator,
+    TokenBudget,
+    bucket_widths,
     build_prompt,
     check_prompt_fits,
     eval_examples,
@@ -250,3 +254,138 @@ def test_the_prompt_template_must_leave_room_for_a_dialogue(tiny_model_dir: Path
     with pytest.raises(UserError, match=f"--max_source_length {template} leaves no room for the dialogue"):
         tokenize_rows(ROWS, tokenizer, tight)
     assert check_prompt_fits(tokenizer, DataArguments(max_source_length=template + 1)) == template
+
+
+# --------------------------------------------------------------------------------------------- length buckets
+
+
+def test_bucket_widths_are_few_and_end_at_the_truncation_length() -> None:
+    assert bucket_widths(512) == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    assert bucket_widths(128) == (16, 24, 32, 48, 64, 96, 128)
+    assert bucket_widths(100) == (16, 24, 32, 48, 64, 96, 100)
+    assert bucket_widths(12) == (12,)
+    widths = PadWidths.bucketed(512, 128)
+    assert [widths.source(n) for n in (1, 16, 17, 230, 257, 512)] == [16, 16, 24, 256, 384, 512]
+    assert widths.target(39) == 48 and widths.target(600) == 600  # longer than the last bucket: as it is
+    assert PadWidths().source(230) == 230  # no buckets: the longest example
+    assert widths.padded_tokens(8, 230, 39) == 8 * (256 + 48)
+
+
+def test_bucketed_batches_pad_with_minus_100_and_mask_0(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    dataset, _ = tokenize_rows(ROWS, tokenizer, DataArguments(max_source_length=96, max_target_length=32))
+    batch = Seq2SeqCollator(tokenizer.pad_token_id, PadWidths.bucketed(96, 32))([dataset[0], dataset[1]])
+    plain = Seq2SeqCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    src, tgt = plain["input_ids"].shape[1], plain["labels"].shape[1]
+    assert batch["input_ids"].shape[1] == PadWidths.bucketed(96, 32).source(src) > src
+    assert batch["labels"].shape[1] == PadWidths.bucketed(96, 32).target(tgt) > tgt
+    # the extra columns are pure padding: pad ids, attention 0, labels -100; the rest is the plain batch
+    assert torch.equal(batch["input_ids"][:, :src], plain["input_ids"])
+    assert (batch["input_ids"][:, src:] == tokenizer.pad_token_id).all()
+    assert (batch["attention_mask"][:, src:] == 0).all()
+    assert (batch["labels"][:, tgt:] == -100).all() and torch.equal(batch["labels"][:, :tgt], plain["labels"])
+    assert batch["num_tokens"] == plain["num_tokens"]
+
+
+def test_bucket_padding_never_enters_the_loss(tiny_model_dir: Path, synthetic_data_dir: Path) -> None:
+    """The same examples with and without bucket padding: the same loss and gradients (fp32 rounding only)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    rows = read_rows(synthetic_data_dir / "train.jsonl")[:8]
+    dataset, _ = tokenize_rows(rows, tokenizer, DataArguments(max_source_length=96, max_target_length=32))
+    features = [dataset[i] for i in range(8)]
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    model.config.dropout_rate = 0.0
+    model.train()
+
+    def loss_and_grads(widths: PadWidths) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch = Seq2SeqCollator(tokenizer.pad_token_id, widths)(features)
+        batch.pop("num_tokens")
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads(PadWidths())
+    bucket_loss, bucket_grads = loss_and_grads(PadWidths(source_buckets=(96,), target_buckets=(32,)))
+    torch.testing.assert_close(bucket_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(bucket_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- token budgets
+
+
+def _budget_sampler(max_tokens: int, seed: int = 7, widths: PadWidths | None = None, grouped: bool = True):
+    src = _dialogsum_like_lengths(1003, seed=1)
+    tgt = [max(8, int(x * 0.15)) for x in src]
+    src = [min(x, 512) for x in src]
+    tgt = [min(x, 128) for x in tgt]
+    budget = TokenBudget(max_tokens, src, tgt, widths or PadWidths())
+    lengths = [a + b for a, b in zip(src, tgt)]
+    return LengthGroupedBatchSampler(lengths, 8, seed=seed, group_by_length=grouped, budget=budget), src, tgt
+
+
+@pytest.mark.parametrize("widths", [PadWidths(), PadWidths.bucketed(512, 128)], ids=["longest", "buckets"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "random"])
+def test_token_budget_batches_cover_every_example_once_within_the_budget(widths: PadWidths, grouped: bool) -> None:
+    sampler, src, tgt = _budget_sampler(16384, widths=widths, grouped=grouped)
+    for epoch in (0, 1):
+        batches = sampler.batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(1003))
+        costs = [widths.padded_tokens(len(b), max(src[i] for i in b), max(tgt[i] for i in b)) for b in batches]
+        assert max(costs) <= 16384
+        # greedy: a batch was closed because the next example did not fit (or the chunk/epoch ended)
+        assert sum(costs) / len(costs) > 0.75 * 16384
+        assert sampler.num_batches(epoch) == len(batches)
+    assert sampler.batch_size is None  # accelerate's sharder then accepts batches of any size
+    sizes = [len(b) for b in sampler.batches(0)]
+    assert min(sizes) < max(sizes)  # short examples ride in bigger batches
+    if grouped and widths == PadWidths():
+        assert padding_fraction(sampler.batches(0), src, tgt) < 0.05  # still length-grouped
+
+
+def test_token_budget_batches_are_what_the_collator_builds(tiny_model_dir: Path, synthetic_data_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    rows = read_rows(synthetic_data_dir / "train.jsonl")
+    dataset, _ = tokenize_rows(rows, tokenizer, DataArguments(max_source_length=96, max_target_length=32))
+    widths = PadWidths.bucketed(96, 32)
+    src, tgt = [len(x) for x in dataset.input_ids], [len(x) for x in dataset.labels]
+    sampler = LengthGroupedBatchSampler(dataset.lengths(), 8, seed=0, budget=TokenBudget(1024, src, tgt, widths))
+    collator = Seq2SeqCollator(tokenizer.pad_token_id, widths)
+    for indices in sampler.batches(0):
+        batch = collator([dataset[i] for i in indices])
+        assert batch["input_ids"].numel() + batch["labels"].numel() <= 1024
+
+
+def test_token_budget_order_is_seeded_per_epoch() -> None:
+    sampler, _, _ = _budget_sampler(16384)
+    epoch0 = sampler.batches(0)
+    assert epoch0 == _budget_sampler(16384)[0].batches(0)
+    assert epoch0 != sampler.batches(1) and epoch0 != _budget_sampler(16384, seed=8)[0].batches(0)
+    sampler.set_epoch(1)
+    assert list(sampler) == sampler.batches(1) and len(sampler) == len(sampler.batches(1))
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0
+
+
+def test_token_budget_refuses_an_example_that_cannot_fit() -> None:
+    with pytest.raises(ValueError, match="an example takes 640 padded tokens, more than max_tokens=600"):
+        TokenBudget(600, [512, 10], [128, 5])
+
+
+def test_token_budget_batches_shard_over_processes_like_accelerate() -> None:
+    """accelerate's sharder, given batches of different sizes (batch_size None): each process gets the same
+    number of batches, together every batch of the epoch (the last round topped up from the first batches)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler, _, _ = _budget_sampler(16384)
+    batches = sampler.batches(0)
+    world = 3
+    shards = [list(BatchSamplerShard(sampler, world, rank)) for rank in range(world)]
+    per_process = -(-len(batches) // world)
+    assert [len(s) for s in shards] == [per_process] * world
+    assert [len(BatchSamplerShard(sampler, world, rank)) for rank in range(world)] == [per_process] * world
+    dealt = [shards[i % world][i // world] for i in range(len(batches))]
+    assert dealt == batches  # round robin, in order, nothing lost
