@@ -2,23 +2,16 @@
 
 Every script ends with ``run_cli(main)``: ``main(argv)`` parses its flags first and imports torch and
 transformers only after they are valid, so a bad flag is one ``error:`` line in a fraction of a second.
-
-With several processes every process raises the same error (checks run everywhere, divergence is decided on
-all-reduced values), so only the main process prints it and every process exits with the same code. A training
-stopped early with a checkpoint (a stop signal, ``--max_time``) prints one ``stopped:`` line and exits with
-:data:`~dialogsum.preemption.EXIT_STOPPED`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from dialogsum.errors import UserError
-from dialogsum.preemption import TrainingStopped
 
 
 def setup_logging() -> None:
@@ -48,33 +41,17 @@ def _teardown_distributed() -> None:
         pass
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
-def _leave(message: str, code: int) -> None:
-    """Print ``message`` once (main process) and exit with ``code`` on every process.
-
-    SIGTERM is ignored from here on: a launcher that sees one process exit with an error terminates the others,
-    which would otherwise end with -15 instead of ``code`` (and the main process before its line is out).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if _is_main_process():
-        sys.stderr.write(message + "\n")
-    _teardown_distributed()
-    sys.exit(code)
-
-
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)`` and exit: 0 on success, ``error: <message>`` + the error's exit code on a UserError,
-    ``stopped: <message>`` + :data:`~dialogsum.preemption.EXIT_STOPPED` when training stopped with a checkpoint."""
+    """Run ``main(argv)`` and exit: 0 on success, ``error: <message>`` + the error's exit code on a UserError."""
     setup_logging()
     try:
         main(argv)
     except UserError as exc:
-        _leave(f"error: {exc}", exc.exit_code)
-    except TrainingStopped as exc:
-        _leave(f"stopped: {exc}", exc.exit_code)
+        sys.stderr.write(f"error: {exc}\n")
+        _teardown_distributed()
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _leave("interrupted", 130)
+        sys.stderr.write("interrupted\n")
+        _teardown_distributed()
+        sys.exit(130)
     sys.exit(0)

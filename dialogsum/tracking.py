@@ -22,8 +22,6 @@ import os
 import random
 import re
 import resource
-import secrets
-import string
 import subprocess
 import sys
 import time
@@ -35,14 +33,11 @@ from urllib.parse import urlsplit
 
 import torch
 
-from dialogsum.checkpointing import checkpoint_root
 from dialogsum.config import REPORT_TO_CHOICES, Config
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import write_text
 from dialogsum.formatting import is_number, markdown_table
 from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, score_examples
 from dialogsum.modeling import checkpoint_size_mb
-from dialogsum.run_folder import WANDB_RUN_ID_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +50,7 @@ TENSORBOARD_TEXT_ROWS = 5
 #: The W&B server when nothing else is configured, and the host its Forge front end stands for.
 _WANDB_DEFAULT_HOSTS = ("api.wandb.ai",)
 #: Files of the output folder that are not part of a model/adapter artifact.
-_NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl", WANDB_RUN_ID_FILE}
+_NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl"}
 _FINAL_KEYS = (
     "train_loss",
     "train_runtime_s",
@@ -353,26 +348,8 @@ def _wandb_error_types() -> tuple[type[BaseException], ...]:
     return (Error, TimeoutError)
 
 
-def wandb_run_id(folder: str | Path, is_main_process: bool = True) -> str:
-    """The W&B run id of the training run whose checkpoints are in ``folder``: ``$WANDB_RUN_ID``, else the one
-    kept in ``folder/``:data:`WANDB_RUN_ID_FILE`, else a new one; the main process keeps it there, so that every
-    restart of the run (``--resume_from_checkpoint latest``, a spot restart) logs to the same W&B run."""
-    path = Path(folder) / WANDB_RUN_ID_FILE
-    kept = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
-    run_id = os.environ.get("WANDB_RUN_ID") or kept
-    if not run_id:  # W&B's own form: 8 characters from [a-z0-9]
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    if is_main_process and run_id != kept:
-        write_text(path, run_id + "\n")
-    return run_id
-
-
 def start_tracking(
-    accelerator: Any,
-    cfg: Config,
-    extra: Mapping[str, Any] | None = None,
-    job_type: str = "train",
-    resumed_at: int | None = None,
+    accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None, job_type: str = "train"
 ) -> None:
     """Start the run of every tracker of ``accelerator`` and log the run config (:func:`run_config`).
 
@@ -384,11 +361,6 @@ def start_tracking(
 
     If ``wandb.init`` fails anyway (a rejected key, an unreachable server), the job goes on without W&B with a
     warning, unless ``--report_to wandb`` asked for it explicitly (then :class:`UserError`).
-
-    A training run (``resumed_at``: the optimizer step it starts from, 0 when fresh) is one dashboard run however
-    often it restarts: W&B continues the run id kept with the checkpoints (:func:`wandb_run_id`,
-    ``resume="allow"``), and TensorBoard drops the events an earlier attempt logged after that step
-    (``purge_step``), so each step is charted once.
     """
     if not accelerator.log_with:
         return
@@ -414,14 +386,9 @@ def start_tracking(
     if not os.environ.get("WANDB_DIR") and cfg.train.output_dir:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         wandb_kwargs["dir"] = str(cfg.train.output_dir)
-    others: dict[str, Any] = {}
-    if resumed_at is not None:
-        if "wandb" in [str(t) for t in accelerator.log_with] and accelerator.is_main_process:
-            wandb_kwargs.update(id=wandb_run_id(checkpoint_root(cfg)), resume="allow")
-        others["tensorboard"] = {"purge_step": resumed_at + 1}  # events of steps after it: a killed attempt's
     project = identity.project
     try:
-        accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs, **others})
+        accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs})
     except _wandb_error_types() as exc:
         if cfg.track.report_to == "wandb":
             raise UserError(f"--report_to wandb: W&B could not start a run: {exc}") from exc
@@ -429,25 +396,13 @@ def start_tracking(
         # wandb is first in log_with, so no other tracker was started: drop it and start the others.
         accelerator.log_with = [t for t in accelerator.log_with if str(t) != "wandb"]
         accelerator.trackers = []
-        accelerator.init_trackers(project, config=None, init_kwargs=others)
+        accelerator.init_trackers(project, config=None)
     for tracker in accelerator.trackers:
         if tracker.name != "wandb":
             tracker.store_init_configuration(hparams_safe(config))
 
 
 # ------------------------------------------------------------------------------------------- end of run
-
-
-def close_trackers(accelerator: Any, preempted: bool = False) -> None:
-    """Flush and close every tracker now (main process), before the processes leave together; ``end_training``
-    then has none left to close. ``preempted``: a stopped run that will resume; its W&B run is marked as
-    preempting first (``Run.mark_preempting``)."""
-    if accelerator.is_main_process:
-        for tracker in accelerator.trackers:
-            if preempted and tracker.name == "wandb":
-                tracker.tracker.mark_preempting()
-            tracker.finish()
-    accelerator.trackers = []
 
 
 def sample_predictions(predictions: Sequence[Mapping[str, Any]], rows: int, seed: int = 0) -> list[dict[str, Any]]:
