@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from helpers import REPO, run_script
 
-from dialogsum.devtools.benchmark import _representative_batches, parse_args
+from dialogsum.devtools.benchmark import CONFIG_DIR, _representative_batches, _worker_env, parse_args, plan_cases
 from dialogsum.devtools.flops import T5Dims, forward_flops, training_flops, training_flops_per_token
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.precision import cpu_bf16_feature, resolve_cpu_precision
@@ -70,7 +71,16 @@ def test_quick_run_json_has_sane_headline_figures(quick_results: dict) -> None:
     assert r["train_speedup_vs_reference"] > 0
     assert r["eval_speedup"] > 0
     assert 0 < r["mfu"] <= 1
-    assert set(r["targets"]) == {"train_speedup_vs_reference", "eval_speedup", "mfu"}
+    assert set(r["targets"]) == {"train_speedup_vs_reference", "train_speedup_vs_reference_fp32", "eval_speedup", "mfu"}
+    assert r["device"]["type"] == "cpu" and r["device"]["name"]
+    fp32 = next(row for row in r["rows"] if row["name"] == "full-grouped-fp32")
+    assert r["train_speedup_vs_reference_fp32"] == fp32["speedup_vs_reference"]
+    lora = next(row for row in r["rows"] if row["name"].startswith("lora-grouped-"))
+    assert r["lora_speedup_vs_reference"] == lora["speedup_vs_reference"] > 0
+    # not measured on a CPU: no compiled cases (compiling flan-t5-base here is slow and does not pay), no budgets
+    assert r["token_budget_mfu"] is None and r["compile_seconds"] is None and r["compile"] == []
+    assert r["failed"] == {} and r["not_run"] == []
+    assert all(not row["compiled"] and not row["length_buckets"] for row in r["rows"])
     for target in r["targets"].values():
         assert target["met"] == (target["measured"] >= target["target"])
     assert r["precision"]["chosen"] in ("no", "bf16")
@@ -126,6 +136,118 @@ def test_bf16_loss_curve_tracks_fp32_on_the_tiny_model(quick_results: dict) -> N
     assert len(fp32) == len(bf16) == 5
     assert bf16 == pytest.approx(fp32, rel=0.02)
     assert check["max_rel_diff"] < 0.02
+
+
+# --------------------------------------------------------------------------------------------- GPU plan
+
+GPU_QUICK = [
+    "reference",
+    "full-grouped-bf16-compiled",  # the default path: single_gpu.yaml compiles, bf16, with length buckets
+    "full-grouped-bf16",
+    "full-grouped-fp32",
+    "full-grouped-fp32-compiled",
+    "lora-grouped-bf16-compiled",
+    "full-budget16k-bf16-compiled",
+    "full-budget64k-bf16-compiled",
+]
+
+
+def test_gpu_plan_covers_eager_compiled_buckets_lora_budgets_and_zero2() -> None:
+    quick = plan_cases("bf16", False, compiled=True, gpu=True, token_budgets=(16384, 65536))
+    assert [c.name for c in quick] == GPU_QUICK
+    default = quick[1]
+    assert default.compiled and default.buckets and default.with_eval and not default.force_precision
+    assert [c.max_tokens for c in quick if c.batching == "budget"] == [16384, 65536]
+    assert all(c.buckets == c.compiled for c in quick)  # buckets go with compiling (--length_buckets auto)
+    full = plan_cases("bf16", True, compiled=True, gpu=True, token_budgets=(16384, 65536))
+    extra = {c.name: c for c in full[len(quick) :]}
+    assert [c.name for c in full[: len(quick)]] == GPU_QUICK
+    assert set(extra) == {
+        "full-grouped-bf16-compiled-nobuckets",
+        "lora-grouped-bf16",
+        "full-random-bf16-compiled",
+        "zero2-full-grouped-bf16-compiled",
+        "full-grouped-bf16-compiled-gc",
+    }
+    assert extra["zero2-full-grouped-bf16-compiled"].launch_config == "deepspeed_zero2.yaml"
+    assert not extra["full-grouped-bf16-compiled-nobuckets"].buckets
+    # a CPU plan stays as it was: eager, six cases
+    cpu = plan_cases("no", False)
+    assert [c.name for c in cpu] == [
+        "reference",
+        "full-grouped-fp32",
+        "full-grouped-bf16",
+        "full-random-fp32",
+        "lora-grouped-fp32",
+        "full-grouped-fp32-gc",
+    ]
+
+
+def test_case_processes_get_what_accelerate_launch_exports() -> None:
+    cases = {c.name: c for c in plan_cases("bf16", True, compiled=True, gpu=True, token_budgets=(16384,))}
+    gpu = CONFIG_DIR / "single_gpu.yaml"
+    default = _worker_env(cases["full-grouped-bf16-compiled"], gpu)
+    assert default["ACCELERATE_MIXED_PRECISION"] == "bf16" and default["ACCELERATE_DYNAMO_BACKEND"] == "INDUCTOR"
+    assert default["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "True"
+    assert default["ACCELERATE_DYNAMO_USE_DYNAMIC"] == "True" and default["WORLD_SIZE"] is None
+    eager = _worker_env(cases["full-grouped-fp32"], gpu)
+    assert eager["ACCELERATE_DYNAMO_BACKEND"] == "NO" and eager["ACCELERATE_MIXED_PRECISION"] == "no"
+    zero2 = _worker_env(cases["zero2-full-grouped-bf16-compiled"], gpu)
+    assert zero2["ACCELERATE_USE_DEEPSPEED"] == "true" and zero2["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    assert zero2["ACCELERATE_DYNAMO_BACKEND"] == "INDUCTOR"  # passed on, as build_accelerator does for DeepSpeed
+    assert (zero2["WORLD_SIZE"], zero2["RANK"], zero2["MASTER_ADDR"]) == ("1", "0", "127.0.0.1")
+    reference = _worker_env(cases["reference"], gpu)
+    assert reference["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert all(
+        v is None for k, v in reference.items() if k.startswith("ACCELERATE_") and k != "ACCELERATE_MIXED_PRECISION"
+    )
+
+
+def test_compiled_token_budget_case_runs_and_reports_compile_time(
+    tmp_path: Path, tiny_model_dir: Path, synthetic_data_dir: Path
+) -> None:
+    """One compiled, bucketed token-budget case of the GPU plan, run on the CPU with the tiny model: compile time
+    is measured on its own and the measured steps are the budget's batches."""
+    import subprocess
+
+    from dialogsum.config import DataArguments
+    from dialogsum.data import read_rows, tokenize_rows
+    from dialogsum.modeling import load_tokenizer
+
+    case = next(c for c in plan_cases("no", False, True, True, (1024,)) if c.batching == "budget")
+    assert case.name == "full-budget1k-fp32-compiled" and case.compiled and case.buckets
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = read_rows(synthetic_data_dir / "train.jsonl")[:64]
+    dataset, _ = tokenize_rows(rows, tokenizer, DataArguments(max_source_length=96, max_target_length=32))
+    data = {"input_ids": dataset.input_ids, "labels": dataset.labels}
+    spec = {
+        "model_path": str(tiny_model_dir),
+        "tokenizer_path": str(tiny_model_dir),
+        "pad_token_id": tokenizer.pad_token_id,
+        "seed": 0,
+        "steps": 3,
+        "warmup_steps": 2,
+        "batch_size": 8,
+        "max_source_length": 96,
+        "max_target_length": 32,
+        "pool": data,
+        "dataset": data,
+        "case": {k: getattr(case, k) for k in case.__dataclass_fields__},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    changes = _worker_env(case, CONFIG_DIR / "cpu.yaml")
+    env.update({k: v for k, v in changes.items() if v is not None})
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    code = "import sys; from dialogsum.devtools.benchmark import run_worker; run_worker(sys.argv[1], sys.argv[2])"
+    cmd = [sys.executable, "-c", code, str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["compiled"] and out["compile_seconds"] > 0 and out["seconds"] > 0
+    assert out["compile_seconds_in_measured_steps"] <= out["compile_seconds"]
+    assert out["samples"] > 3 * 8  # bigger batches than the fixed 8
+    assert 0 < out["padding_fraction"] < 0.5 and len(out["losses"]) == 5
 
 
 # --------------------------------------------------------------------------------------------- pieces

@@ -29,8 +29,9 @@ def test_cpu_run_writes_table_and_json(tmp_path: Path, quickstart_assets: tuple[
     assert row["tokens_per_s"] > 0 and row["step_time_s"] > 0 and row["peak_memory_gb"] > 0
     assert row["predictions"] == 3
     assert row["mfu"] is None  # no peak given for a CPU
+    assert row["compiled"] is False and row["parallel"] == 1  # cpu.yaml has no dynamo_config
     table = (work / "gpu_check.md").read_text()
-    assert "| lora | cpu.yaml |" in table and "| ok |" in table
+    assert "| lora | cpu.yaml | no |" in table and "| ok |" in table
     assert (work / "lora" / "adapter_model.safetensors").is_file()
 
 
@@ -41,4 +42,5 @@ def test_unknown_run_name_is_refused_before_any_work(tmp_path: Path, quickstart_
     proc = run_script([sys.executable, GPU_CHECK, *args, "--work_dir", str(work), "--only", "ful"], timeout=120)
     assert proc.returncode != 0
     assert "--only matched no run" in proc.stderr and "zero3 lora +gc" in proc.stderr
+    assert "fsdp" not in proc.stderr  # FSDP needs GPUs: not in the CPU plan
     assert not work.exists()

@@ -1,4 +1,4 @@
-"""GPU check: the real flan-t5-base architecture (random weights) through every single-GPU launch path.
+"""GPU check: the real flan-t5-base architecture (random weights) through every launch path on one GPU.
 
 One command, no network, no pretrained weights:
 
@@ -6,12 +6,14 @@ One command, no network, no pretrained weights:
     python scripts/gpu_check.py --model_dir DIR --data_file FILE.jsonl --steps 30
 
 It builds flan-t5-base from its config (random init, own lm_head: 247.6M parameters), then trains a few dozen
-steps on DialogSum-format data with the unchanged training scripts under ``accelerate launch``: full and
-LoRA, bf16, plain single GPU, DeepSpeed ZeRO-2 and ZeRO-3 on one GPU, gradient checkpointing off and on; each
-run also generates for a few test dialogues (ZeRO-3: synced_gpus). It prints a table of tokens/s, MFU, peak
-memory (torch.cuda.max_memory_allocated; process RSS with --cpu) and step time, and writes it to
-``<work_dir>/gpu_check.{md,json}``. The numbers say whether each path works and how fast; ROUGE of a random
-model is meaningless and not shown.
+steps on DialogSum-format data with the unchanged training scripts under ``accelerate launch`` and the shipped
+launcher configs as they are (bf16, compiled): full and LoRA, plain single GPU, DeepSpeed ZeRO-2 and ZeRO-3 and
+FSDP with one process, gradient checkpointing off and on; each run also generates for a few test dialogues
+(ZeRO-3: synced_gpus). It prints a table of tokens/s, MFU, peak memory (torch.cuda.max_memory_allocated; process
+RSS with --cpu), step time and whether the run compiled, and writes it to ``<work_dir>/gpu_check.{md,json}``
+after every run. The numbers say whether each path works and how fast; ROUGE of a random model is meaningless
+and not shown. ``--parallel N`` runs N at a time (to fit a short lease: the runs then share the GPU and the
+host, so their speeds are lower bounds, marked as such).
 
 MFU uses the benchmark's FLOP formula (:mod:`dialogsum.devtools.flops`): the mean training FLOPs per real token
 of the data file times the run's real tokens/s, over the GPU's dense bf16 peak (``--peak_tflops``, else known by
@@ -27,7 +29,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +66,11 @@ class Run:
 
 
 def plan(cpu: bool) -> list[Run]:
-    """The runs, in order: plain single device first (fastest to fail), then DeepSpeed."""
+    """The runs, in order: plain single device first (fastest to fail), then DeepSpeed, then FSDP (GPU only:
+    accelerate runs an FSDP config on the CPU as plain data parallel, which dialogsum refuses)."""
     single = "cpu.yaml" if cpu else "single_gpu.yaml"
     one = ["--num_processes", "1"]
-    return [
+    runs = [
         Run("full", single, "full"),
         Run("full +gc", single, "full", True),
         Run("lora", single, "lora"),
@@ -76,6 +81,9 @@ def plan(cpu: bool) -> list[Run]:
         Run("zero3 lora", "deepspeed_zero3.yaml", "lora", launch_args=one),
         Run("zero3 lora +gc", "deepspeed_zero3.yaml", "lora", True, launch_args=one),
     ]
+    if not cpu:
+        runs.append(Run("fsdp full", "fsdp.yaml", "full", launch_args=one))
+    return runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--only", nargs="*", default=None, help="run names to keep, e.g. 'full' 'zero3 lora'")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it counts as hung")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (>1: they share the GPU; speeds lower)")
     p.add_argument("--cpu", action="store_true", help="check the script on CPU (tiny --model_dir advised)")
     return p.parse_args(argv)
 
@@ -195,11 +204,13 @@ def execute(cmd: list[str], timeout: int) -> tuple[str, str]:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the results."""
-    header = ["run", "launcher config", "tokens/s", "step time (s)", "TFLOP/s", "MFU", "peak memory (GB)", "status"]
-    keys = ["run", "config", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_memory_gb", "status"]
+    header = ["run", "launcher config", "compiled", "tokens/s", "step time (s)", "TFLOP/s", "MFU", "peak memory (GB)"]
+    header.append("status")
+    keys = ["run", "config", "compiled", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_memory_gb", "status"]
     cells = [[r.get(k, "") for k in keys] for r in rows]
     for r, row in zip(rows, cells, strict=True):
-        row[5] = f"{100 * r['mfu']:.3g}%" if r.get("mfu") is not None else "n/a"
+        row[2] = {True: "yes", False: "no"}.get(r.get("compiled"), "")
+        row[6] = f"{100 * r['mfu']:.3g}%" if r.get("mfu") is not None else "n/a"
     return markdown_table(header, cells)
 
 
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [r for r in plan(args.cpu) if args.only is None or r.name in args.only]
     if not runs:
         sys.exit(f"error: --only matched no run; names: {', '.join(r.name for r in plan(args.cpu))}")
+    if args.parallel < 1:
+        sys.exit(f"error: --parallel must be at least 1, got {args.parallel}")
     os.environ.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -239,22 +252,36 @@ def main(argv: list[str] | None = None) -> None:
         f"{per_token['full'] / 1e9:.2f} GFLOP per real token (full fine-tuning)",
         flush=True,
     )
-    rows = []
-    for run in runs:
+    rows: list[dict] = []
+    lock = threading.Lock()
+
+    def one(run: Run) -> None:
         out = work / run.name.replace(" ", "_").replace("+", "")
         t0 = time.perf_counter()
         status, log = execute(train_command(run, work / "model", data_file, out, args), args.timeout)
         if status == "ok":
             row = measure(out, run, per_token, peak)
+            row["compiled"] = "compiling the model" in log
         else:
             row = {"run": run.name, "config": run.config, "status": status}
             write_text(work / f"{out.name}.log", log)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        print(f"{run.name}: {row['status']} ({row['wall_s']} s)", flush=True)
-        # Written after every run, so a check stopped part-way still leaves the rows it finished.
-        text = f"GPU check on {device} ({time.perf_counter() - started:.0f} s)\n\n{table(rows)}\n"
-        write_text(work / "gpu_check.md", text)
-        write_json(work / "gpu_check.json", {"device": device, "peak_tflops": peak, "runs": rows})
-    print(text)
+        row["parallel"] = args.parallel
+        with lock:
+            rows.append(row)
+            rows.sort(key=lambda r: [x.name for x in runs].index(r["run"]))
+            print(f"{run.name}: {row['status']} ({row['wall_s']} s)", flush=True)
+            # Written after every run, so a check stopped part-way still leaves the rows it finished.
+            write_text(work / "gpu_check.md", report(device, rows, started, args.parallel))
+            write_json(work / "gpu_check.json", {"device": device, "peak_tflops": peak, "runs": rows})
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        list(pool.map(one, runs))
+    print(report(device, rows, started, args.parallel))
     sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
+
+
+def report(device: str, rows: list[dict], started: float, parallel: int) -> str:
+    """The Markdown report: a title line, then the table."""
+    shared = f"; {parallel} runs at a time, so speeds are lower bounds" if parallel > 1 else ""
+    return f"GPU check on {device} ({time.perf_counter() - started:.0f} s{shared})\n\n{table(rows)}\n"
