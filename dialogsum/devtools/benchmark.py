@@ -324,8 +324,8 @@ def plan_cases(
 
     On a CPU (``gpu`` False) the changes are precision, batching, LoRA and gradient checkpointing (``full_grid``:
     every method x batching x precision, and LoRA with checkpointing). On a GPU they are eager vs compiled in
-    both precisions, LoRA, and token budgets; ``full_grid`` adds buckets off, LoRA eager, ZeRO-2 and gradient
-    checkpointing.
+    both precisions, length buckets on/off, LoRA, and token budgets; ``full_grid`` adds LoRA eager, random
+    batches, ZeRO-2 and gradient checkpointing.
     """
     other = "no" if precision == "bf16" else "bf16"
     default = _ours("full", "grouped", precision, compiled, default_precision=precision, with_eval=True)
@@ -340,12 +340,12 @@ def plan_cases(
         add("full", "grouped", precision, not compiled)  # eager vs compiled, same precision
         add("full", "grouped", other, False)  # the other precision, eager (bf16 vs TF32 without compiling)
         add("full", "grouped", other, True)  # ... and compiled
+        add("full", "grouped", precision, True, buckets=False)  # compiled without length buckets
+        add("full", "grouped", precision, True, buckets=True)
         add("lora", "grouped", precision, compiled)
         for tokens in token_budgets:
             add("full", "budget", precision, compiled, max_tokens=tokens)
         if full_grid:
-            add("full", "grouped", precision, True, buckets=False)
-            add("full", "grouped", precision, True, buckets=True)
             add("lora", "grouped", precision, not compiled)
             add("full", "random", precision, compiled)
             add("full", "grouped", precision, compiled, launch_config="deepspeed_zero2.yaml")

@@ -21,11 +21,11 @@ torch; it installs the wheels into ``/tmp/site`` (``PYTHONPATH``), then runs, ea
 deadline (``--seconds``, default 560: the device tool's 600-s limit minus a margin):
 
 1. ``scripts/benchmark.py --quick`` on the GPU: the reference loop, the default path (``single_gpu.yaml``: bf16,
-   compiled, length buckets) with the eval test, eager bf16 and fp32 (TF32), compiled fp32, LoRA, token budgets
-   of 16k and 64k tokens; compile time on its own;
+   compiled, length buckets) with the eval test, eager bf16 and fp32 (TF32), compiled fp32, compiled without
+   buckets, LoRA, token budgets of 16k and 64k tokens; compile time on its own;
 2. ``scripts/gpu_check.py`` for every launch path as shipped (single GPU, ZeRO-2, ZeRO-3 with ``zero3 lora`` run
    to completion, FSDP with one process; full and LoRA; gradient checkpointing), four runs at a time;
-3. with the time left, the benchmark's other GPU cases (buckets off, LoRA eager, random batches, ZeRO-2, gradient
+3. with the time left, the benchmark's other GPU cases (LoRA eager, ZeRO-2, random batches, gradient
    checkpointing).
 
 Results land in ``$OUT`` (``--out``) as they come, at most 8 files (the device tool brings back 8): ``env.json``,
@@ -101,7 +101,6 @@ MODEL_FILES += ("special_tokens_map.json",)
 
 #: The benchmark's GPU cases beyond --quick (phase 3).
 EXTRA_CASES = (
-    "full-grouped-bf16-compiled-nobuckets",
     "lora-grouped-bf16",
     "zero2-full-grouped-bf16-compiled",
     "full-random-bf16-compiled",
