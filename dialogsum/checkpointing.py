@@ -38,7 +38,7 @@ import torch
 
 from dialogsum.config import Config
 from dialogsum.errors import UserError
-from dialogsum.files import write_bytes, write_json
+from dialogsum.files import write_bytes, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,11 @@ def restore_rng(states: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- finding
 
 
+def checkpoint_root(cfg: Config) -> Path:
+    """Where a run's checkpoints go and where ``latest`` looks: ``--checkpoint_dir``, else ``--output_dir``."""
+    return Path(cfg.train.checkpoint_dir or cfg.train.output_dir or ".")
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir)
@@ -186,7 +191,28 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+def check_checkpoint_dir(cfg: Config) -> None:
+    """A ``--checkpoint_dir`` apart from ``--output_dir``: not an input, creatable, and holding no checkpoints of
+    an earlier run unless this run continues from them (``--overwrite_output_dir`` clears ``--output_dir`` only)."""
+    t = cfg.train
+    if not t.checkpoint_dir or Path(t.checkpoint_dir).resolve() == Path(t.output_dir or ".").resolve():
+        return
+    from dialogsum.run_folder import check_can_create, check_not_an_input, input_paths
+
+    root = Path(t.checkpoint_dir)
+    check_not_an_input(root, "--checkpoint_dir", input_paths(cfg))
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--checkpoint_dir {root} exists and is a file")
+    check_can_create(root, "--checkpoint_dir")
+    found = checkpoint_dirs(root)
+    if found and not t.resume_from_checkpoint:
+        raise UserError(
+            f"--checkpoint_dir {root} holds checkpoints of an earlier run (newest {found[-1].name}); continue it "
+            "with --resume_from_checkpoint latest, or choose another --checkpoint_dir"
+        )
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """Turn ``--resume_from_checkpoint`` (a path or ``latest``) into a checkpoint folder, checked.
 
     ``latest`` without any complete checkpoint gives None: the run starts from the beginning.
@@ -431,14 +457,17 @@ def save_checkpoint(
     cfg: Config,
     process_state: dict[str, Any] | None = None,
     model: torch.nn.Module | None = None,
+    rng: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically; on failure (e.g. disk full) remove the partial folder.
 
     Every process must call this. ``process_state`` is this process's own loop state (e.g. its running loss
-    sums), saved with its RNG states and given back by :func:`load_process_state`. With ``model`` (the prepared
-    model being trained) the checkpoint also holds it in loadable form, with the tokenizer of ``cfg.model`` and
-    the generation config (:func:`dialogsum.modeling.save_model_files`). Raises :class:`UserError` when the
-    checkpoint cannot be written; earlier checkpoints are untouched in that case.
+    sums), saved with its RNG states (``rng``, else the current ones: :func:`capture_rng`) and given back by
+    :func:`load_process_state`. ``extra_files`` (name -> text) are written by the main process. With ``model``
+    (the prepared model being trained) the checkpoint also holds it in loadable form, with the tokenizer of
+    ``cfg.model`` and the generation config (:func:`dialogsum.modeling.save_model_files`). Raises
+    :class:`UserError` when the checkpoint cannot be written; earlier checkpoints are untouched in that case.
     """
     install_checkpoint_hooks(accelerator)
     root = Path(output_dir)
@@ -453,12 +482,14 @@ def save_checkpoint(
 
             save_model_files(accelerator, model, _tokenizer(cfg), tmp)
         accelerator.save_state(str(tmp))
-        own = {"rng": capture_rng(), "process": process_state or {}}
+        own = {"rng": rng or capture_rng(), "process": process_state or {}}
         write_bytes(_rng_file(tmp, accelerator.process_index), pickle.dumps(own))
         _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             cfg.save(tmp / "config.yaml")
+            for name, text in (extra_files or {}).items():
+                write_text(tmp / name, text, sync=True)
             write_json(tmp / STATE_FILE, asdict(state), sync=True)  # last: its presence marks a complete folder
             if final.exists():
                 _remove(final, ".replaced")
@@ -577,7 +608,7 @@ def load_best_model(accelerator: Any, cfg: Config, state: TrainState) -> Path | 
     """
     if not cfg.train.load_best_model_at_end or state.best_checkpoint is None or state.best_step == state.step:
         return None
-    best = Path(cfg.train.output_dir or ".") / state.best_checkpoint
+    best = checkpoint_root(cfg) / state.best_checkpoint
     if not (best / STATE_FILE).is_file():
         raise UserError(f"--load_best_model_at_end: the best checkpoint {best} is missing; its weights are lost")
     load_checkpoint(accelerator, best)

@@ -27,6 +27,7 @@ import yaml
 
 from dialogsum.errors import ConfigError
 from dialogsum.files import write_text
+from dialogsum.preemption import EXIT_STOPPED, parse_duration
 
 #: The prompt of the reference lab, kept byte for byte so zero-shot numbers are comparable.
 LAB_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -167,7 +168,17 @@ class TrainingArguments:
     )
     save_total_limit: int | None = _help("Keep only the newest K checkpoints (plus the best one).", default=None)
     resume_from_checkpoint: str | None = _help(
-        "Checkpoint directory to resume from, or 'latest' for the newest complete one in --output_dir.",
+        "Checkpoint directory to resume from, or 'latest' for the newest complete one in --checkpoint_dir.",
+        default=None,
+    )
+    checkpoint_dir: str | None = _help(
+        "Where checkpoints go and where 'latest' looks (default: --output_dir; on SageMaker /opt/ml/checkpoints, "
+        "which SageMaker syncs to checkpoint_s3_uri and restores on a spot restart).",
+        default=None,
+    )
+    max_time: str | None = _help(
+        "Wall-clock budget of this process, in seconds or HH:MM:SS: training stops with a checkpoint before it "
+        f"runs out (exit code {EXIT_STOPPED}; continue with --resume_from_checkpoint latest).",
         default=None,
     )
     eval_steps: int | None = _help("Evaluate on the validation split every N optimizer steps.", default=None)
@@ -483,9 +494,22 @@ def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     return {k: (v if k == "method" else _file_value(actions[k], k, v, f"--config {path}")) for k, v in data.items()}
 
 
+#: Where SageMaker keeps checkpoints: synced to the estimator's ``checkpoint_s3_uri`` while the job runs and
+#: restored from it when a spot job restarts (its ``checkpoint_local_path`` default).
+SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+
+
+def on_sagemaker() -> bool:
+    """Whether this process runs inside a SageMaker training job (its environment variables are set)."""
+    return bool(os.environ.get("SM_MODEL_DIR") or os.environ.get("SM_TRAINING_ENV"))
+
+
 def _sagemaker_defaults() -> dict[str, Any]:
-    """On SageMaker, its standard environment variables supply output and data paths."""
+    """On SageMaker, its standard environment variables supply output and data paths; checkpoints go to
+    :data:`SAGEMAKER_CHECKPOINT_DIR` and a restarted job continues from the newest one there (``latest``)."""
     defaults: dict[str, Any] = {}
+    if on_sagemaker():
+        defaults.update(checkpoint_dir=SAGEMAKER_CHECKPOINT_DIR, resume_from_checkpoint="latest")
     if os.environ.get("SM_MODEL_DIR"):
         defaults["output_dir"] = os.environ["SM_MODEL_DIR"]
     for channel, key in (("TRAIN", "train_file"), ("VALIDATION", "validation_file"), ("TEST", "test_file")):
@@ -516,6 +540,8 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
             raise ConfigError(f"--config {config_path} is for method {file_method!r}, this script trains {method!r}")
     explicit.update(given)
     values: dict[str, Any] = _sagemaker_defaults()
+    if explicit.get("overwrite_output_dir") or explicit.get("resume_from_checkpoint") == "":
+        values.pop("resume_from_checkpoint", None)  # asked to start afresh: not SageMaker's default 'latest'
     if explicit.get("quickstart"):
         values.update({**QUICKSTART_DEFAULTS["common"], **QUICKSTART_DEFAULTS[method]})
     values.update(explicit)
@@ -648,6 +674,14 @@ def validate(cfg: Config) -> None:
             "from; pass only one of them"
         )
     _positive("save_total_limit", t.save_total_limit)
+    if t.max_time is not None:
+        try:
+            budget = parse_duration(t.max_time)
+        except ValueError as exc:
+            raise ConfigError(f"--max_time: {exc}") from exc
+        _positive("max_time", budget)
+    if t.checkpoint_dir is not None and not str(t.checkpoint_dir).strip():
+        raise ConfigError("--checkpoint_dir must not be empty")
     _positive("eval_steps", t.eval_steps)
     _positive("early_stopping_patience", t.early_stopping_patience)
     if t.metric_for_best not in BEST_METRICS:

@@ -32,6 +32,9 @@ RESULT_FILES = (
     "report.md",
     "plots",
 )
+#: Kept with a training run's checkpoints (in ``--checkpoint_dir``, by default the output folder): the id of its
+#: W&B run, which every restart continues, and the last step W&B is known to hold.
+WANDB_RUN_FILE = "wandb_run.json"
 #: Everything else a run writes at the top of its output folder: weights, model/adapter config, tokenizer,
 #: model card, tracker files and the quick-start assets.
 RUN_FILES = (
@@ -51,6 +54,7 @@ RUN_FILES = (
     "chat_template.jinja",
     "tensorboard",
     "wandb",
+    WANDB_RUN_FILE,
     "quickstart_assets",
     "merged",
 )
@@ -61,7 +65,8 @@ RUN_FILE_PATTERN = re.compile(
 )
 #: What a run killed before its first checkpoint may have left (besides its config.yaml and parameters.json).
 _TRANSIENT = re.compile(
-    r"^(checkpoint-\d+\.(tmp|deleting|replaced)|tensorboard|wandb|quickstart_assets|\.overwritten-.*|\.dialogsum-probe-.*)$"
+    r"^(checkpoint-\d+\.(tmp|deleting|replaced)|tensorboard|wandb|wandb_run\.json|quickstart_assets|\.overwritten-.*"
+    r"|\.dialogsum-probe-.*)$"
 )
 #: Where --overwrite_output_dir moves the previous run's files before deleting them.
 _TRASH_PREFIX = ".overwritten-"
@@ -165,9 +170,9 @@ def check_output_dir(cfg: Config, resuming: bool, can_resume: bool = True) -> Pa
             )
         return out
     if t.resume_from_checkpoint == "latest":
-        from dialogsum.checkpointing import find_latest
+        from dialogsum.checkpointing import checkpoint_root, find_latest
 
-        if find_latest(out) is None:
+        if find_latest(checkpoint_root(cfg)) is None:
             _check_leftovers_of_this_run(cfg, out)
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting afresh", out)
         return out

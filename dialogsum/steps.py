@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dialogsum.checkpointing import check_compatible, read_state, resolve_resume
+from dialogsum.checkpointing import check_checkpoint_dir, check_compatible, checkpoint_root, read_state, resolve_resume
 from dialogsum.config import Config
 from dialogsum.data import (
     LengthGroupedBatchSampler,
@@ -95,7 +95,8 @@ def needed_splits(cfg: Config) -> list[str]:
 def check_run(cfg: Config) -> RunPlan:
     """Every check that needs no model, data or process group: output folder, resume point, data, model, trackers."""
     t = cfg.train
-    resume = resolve_resume(t.resume_from_checkpoint, t.output_dir or "")
+    check_checkpoint_dir(cfg)  # --checkpoint_dir apart from --output_dir: not an input, writable, not another run's
+    resume = resolve_resume(t.resume_from_checkpoint, checkpoint_root(cfg))
     # "latest" may write into its folder even before a first checkpoint exists (a restart killed before it)
     out = check_output_dir(cfg, resuming=resume is not None or t.resume_from_checkpoint == "latest")
     splits = needed_splits(cfg)

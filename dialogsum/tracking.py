@@ -22,6 +22,8 @@ import os
 import random
 import re
 import resource
+import secrets
+import string
 import subprocess
 import sys
 import time
@@ -33,11 +35,14 @@ from urllib.parse import urlsplit
 
 import torch
 
+from dialogsum.checkpointing import checkpoint_root
 from dialogsum.config import REPORT_TO_CHOICES, Config
 from dialogsum.errors import ConfigError, UserError
+from dialogsum.files import write_json
 from dialogsum.formatting import is_number, markdown_table
 from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, score_examples
 from dialogsum.modeling import checkpoint_size_mb
+from dialogsum.run_folder import WANDB_RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ TENSORBOARD_TEXT_ROWS = 5
 #: The W&B server when nothing else is configured, and the host its Forge front end stands for.
 _WANDB_DEFAULT_HOSTS = ("api.wandb.ai",)
 #: Files of the output folder that are not part of a model/adapter artifact.
-_NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl"}
+_NOT_IN_ARTIFACT = {"predictions.jsonl", "log_history.jsonl", WANDB_RUN_FILE}
 _FINAL_KEYS = (
     "train_loss",
     "train_runtime_s",
@@ -348,8 +353,59 @@ def _wandb_error_types() -> tuple[type[BaseException], ...]:
     return (Error, TimeoutError)
 
 
+def _wandb_run_file(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / WANDB_RUN_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # unreadable: a new W&B run rather than no training
+
+
+def wandb_run_id(folder: str | Path) -> str:
+    """The W&B run id of the training run whose checkpoints are in ``folder``: ``$WANDB_RUN_ID``, else the one
+    kept in ``folder/``:data:`WANDB_RUN_FILE`, else a new one, kept there (call on the main process), so that
+    every restart of the run (``--resume_from_checkpoint latest``, a spot restart) logs to the same W&B run."""
+    kept = _wandb_run_file(folder)
+    run_id = os.environ.get("WANDB_RUN_ID") or kept.get("run_id")
+    if not run_id:  # W&B's own form: 8 characters from [a-z0-9]
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if run_id != kept.get("run_id"):
+        write_json(Path(folder) / WANDB_RUN_FILE, {"run_id": run_id, "logged_through_step": 0})
+    return run_id
+
+
+def resend_lost_events(accelerator: Any, folder: str | Path, events: Sequence[Mapping[str, Any]]) -> int:
+    """Log to W&B again the events (``log_history.jsonl`` rows up to the resumed checkpoint) that a killed
+    attempt may have taken with it; returns how many.
+
+    W&B writes its run file every 15 s and uploads in the background, so a SIGKILL loses its last records. Sent
+    again are the events after the last step W&B is known to hold (``logged_through_step`` of
+    :data:`WANDB_RUN_FILE`, written when the trackers were closed by a stop) and from the step an online W&B
+    run resumed at (``run.step``): every step once. TensorBoard is flushed at every checkpoint instead
+    (:func:`flush_trackers`).
+    """
+    run = next((t.tracker for t in accelerator.trackers if t.name == "wandb"), None) if events else None
+    if run is None:
+        return 0
+    after = max(int(_wandb_run_file(folder).get("logged_through_step", 0)), int(run.step) - 1)
+    lost = [e for e in events if e["step"] > after]
+    for event in lost:
+        kind = "eval" if any(k.startswith("eval_") for k in event) else "train"
+        run.log(tracked_values(event, kind), step=event["step"])
+    return len(lost)
+
+
+def tracked_values(event: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """A log event as tracker values: ``{"train/loss": ...}``, ``{"eval/rougeL": ...}`` (``step`` and None left out)."""
+    return {f"{kind}/{k.removeprefix(kind + '_')}": v for k, v in event.items() if k != "step" and v is not None}
+
+
 def start_tracking(
-    accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = None, job_type: str = "train"
+    accelerator: Any,
+    cfg: Config,
+    extra: Mapping[str, Any] | None = None,
+    job_type: str = "train",
+    resumed_at: int | None = None,
 ) -> None:
     """Start the run of every tracker of ``accelerator`` and log the run config (:func:`run_config`).
 
@@ -361,6 +417,11 @@ def start_tracking(
 
     If ``wandb.init`` fails anyway (a rejected key, an unreachable server), the job goes on without W&B with a
     warning, unless ``--report_to wandb`` asked for it explicitly (then :class:`UserError`).
+
+    A training run (``resumed_at``: the optimizer step it starts from, 0 when fresh) is one dashboard run however
+    often it restarts: W&B continues the run id kept with the checkpoints (:func:`wandb_run_id`,
+    ``resume="allow"``), and TensorBoard drops the events an earlier attempt logged after that step
+    (``purge_step``), so each step is charted once.
     """
     if not accelerator.log_with:
         return
@@ -386,9 +447,14 @@ def start_tracking(
     if not os.environ.get("WANDB_DIR") and cfg.train.output_dir:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         wandb_kwargs["dir"] = str(cfg.train.output_dir)
+    others: dict[str, Any] = {}
+    if resumed_at is not None:
+        if "wandb" in [str(t) for t in accelerator.log_with] and accelerator.is_main_process:
+            wandb_kwargs.update(id=wandb_run_id(checkpoint_root(cfg)), resume="allow")
+        others["tensorboard"] = {"purge_step": resumed_at + 1}  # events of steps after it: a killed attempt's
     project = identity.project
     try:
-        accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs})
+        accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs, **others})
     except _wandb_error_types() as exc:
         if cfg.track.report_to == "wandb":
             raise UserError(f"--report_to wandb: W&B could not start a run: {exc}") from exc
@@ -396,13 +462,37 @@ def start_tracking(
         # wandb is first in log_with, so no other tracker was started: drop it and start the others.
         accelerator.log_with = [t for t in accelerator.log_with if str(t) != "wandb"]
         accelerator.trackers = []
-        accelerator.init_trackers(project, config=None)
+        accelerator.init_trackers(project, config=None, init_kwargs=others)
     for tracker in accelerator.trackers:
         if tracker.name != "wandb":
             tracker.store_init_configuration(hparams_safe(config))
 
 
 # ------------------------------------------------------------------------------------------- end of run
+
+
+def flush_trackers(accelerator: Any) -> None:
+    """Write what the trackers hold to disk now (TensorBoard; W&B has no such call): at every checkpoint, so that
+    a killed run's events up to its newest checkpoint are kept."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.flush()
+
+
+def close_trackers(accelerator: Any, folder: str | Path, step: int) -> None:
+    """A stopped run that will resume: close every tracker now (main process), before the processes leave
+    together (``end_training`` then has none left to close). Its W&B run is marked as preempting first
+    (``Run.mark_preempting``), and ``folder/``:data:`WANDB_RUN_FILE` notes that W&B holds every step up to
+    ``step`` (see :func:`resend_lost_events`)."""
+    wandb_run = None
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            wandb_run = tracker.tracker
+            wandb_run.mark_preempting()
+        tracker.finish()
+    if wandb_run is not None:
+        write_json(Path(folder) / WANDB_RUN_FILE, {"run_id": wandb_run.id, "logged_through_step": step})
+    accelerator.trackers = []
 
 
 def sample_predictions(predictions: Sequence[Mapping[str, Any]], rows: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -9,7 +9,9 @@ The loss of an optimizer step is token-weighted: the sum of the per-token losses
 window on every process, divided by the window's target (summary) tokens on all processes. A micro-batch with
 400 summary tokens therefore weighs ten times one with 40, and ``8 per device x 1 x 1``, ``4 x 2 accumulation``
 and ``4 x 1 x 2 processes`` take the same optimizer step (a mean of per-micro-batch means would not). The window
-is drawn before its first backward pass, so its token count is known (one small all-reduce per step).
+is drawn before its first backward pass, so its token count is known (one small all-reduce per step). The same
+all-reduce carries every process's votes to stop early (a stop signal, ``--max_time``: :mod:`dialogsum.preemption`),
+so all processes stop at the same step boundary and save a checkpoint of the steps done.
 
 :func:`train_loop` reads top to bottom; what it needs around the step lives in small objects:
 :class:`TrainBatches` (the windows from where the run stands, exact resume included), :class:`LogWindow`
@@ -33,6 +35,8 @@ from tqdm.auto import tqdm
 
 from dialogsum.checkpointing import (
     TrainState,
+    capture_rng,
+    checkpoint_root,
     find_latest,
     load_process_state,
     load_rng,
@@ -43,12 +47,15 @@ from dialogsum.checkpointing import (
 from dialogsum.config import Config
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.errors import UserError
-from dialogsum.files import write_jsonl, write_text
-from dialogsum.tracking import peak_memory_mb
+from dialogsum.files import jsonl_text, write_jsonl, write_text
+from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration
+from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, resend_lost_events, tracked_values
 
 logger = logging.getLogger(__name__)
 
 NO_DECAY = ("bias", "layer_norm", "layernorm", "ln_")
+#: The log events of a run, one JSON object per line (output folder; a copy in every checkpoint).
+HISTORY_FILE = "log_history.jsonl"
 
 
 def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None:
@@ -190,22 +197,34 @@ def train_loop(
 
     ``state`` holds the counters to start from (zero, or those of the checkpoint ``resume_from``, whose RNG
     states and running sums are put back); ``evaluate(step)`` returns eval metrics (``eval_loss``, maybe ROUGE).
+    On a stop signal or near ``--max_time`` it saves a checkpoint at a step boundary and raises
+    :class:`~dialogsum.preemption.TrainingStopped`.
     """
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     batches = TrainBatches(accelerator, train_loader, sampler, state, resume_from)
-    log = LogWindow(accelerator, state, resume_from, t.output_dir)
-    saver = Checkpointer(accelerator, cfg, state, log, params, model)
-    history = History(accelerator, t.output_dir, keep_from_step=state.step)
+    log = LogWindow(accelerator, state, resume_from, checkpoint_root(cfg))
+    history = History(accelerator, t.output_dir, keep_from_step=state.step, checkpoint=resume_from)
+    resend_lost_events(accelerator, checkpoint_root(cfg), history.events)  # what a killed attempt's W&B lost
     every = int(t.checkpointing_steps) if str(t.checkpointing_steps).isdigit() else 0
+    max_time = parse_duration(t.max_time) if t.max_time else None
+    stop = StopRequest(max_time, estimated_save_s(params), t.eval_steps if evaluate else 0, every)
+    saver = Checkpointer(accelerator, cfg, state, log, params, model, history, stop, resumed=resume_from is not None)
     progress = tqdm(
         total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process
     )
     stopped_early = False
     model.train()
+    stop.install()  # SIGTERM/SIGINT/SIGUSR1 now only ask for a stop at the next step boundary
     try:
         for window, ends_epoch in batches:
-            targets, weights, window_targets = token_weights(accelerator, window)  # one all-reduce
+            if state.step >= total_steps:  # resumed from the last step's checkpoint: nothing left to train
+                break
+            started = time.perf_counter()
+            # one all-reduce: the window's target tokens, and the processes' votes to stop (signal, time)
+            targets, weights, window_targets, votes = token_weights(accelerator, window, stop.votes(state.step + 1))
+            if any(votes):
+                _stop_with_checkpoint(accelerator, batches, saver, stop, votes)
             for i, batch in enumerate(window):
                 last = i == len(window) - 1
                 accelerator.sync_gradients = last  # DDP syncs, DeepSpeed and the optimizer step after the last only
@@ -219,6 +238,7 @@ def train_loop(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # once per optimizer step, whatever the number of processes
+            stop.record("step", time.perf_counter() - started)
             log.end_step(window_targets)
             state.step += 1
             progress.update(1)
@@ -227,7 +247,8 @@ def train_loop(
                 history.write(event, "train")
                 progress.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['learning_rate']:.2e}")
             if evaluate is not None and t.eval_steps and state.step % t.eval_steps == 0:
-                stopped_early = _periodic_eval(evaluate, state, cfg, history, saver)
+                with stop.timed("eval"):
+                    stopped_early = _periodic_eval(evaluate, state, cfg, history, saver)
             if every and state.step % every == 0:
                 saver.save()
             if state.step >= total_steps or stopped_early:
@@ -238,8 +259,12 @@ def train_loop(
                     saver.save()
         if log.pending():  # steps after the last log line (early stopping)
             history.write(log.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0]), "train")
+        signalled = _sum_over_processes(accelerator, torch.tensor(int(stop.signalled), device=accelerator.device))
+        if signalled:  # a stop signal came during the last step: it ends the same way
+            _stop_with_checkpoint(accelerator, batches, saver, stop, (int(signalled), 0), unwind=False)
     finally:
         progress.close()  # the bar's line ends before any error message
+        stop.release()  # signals end the process again (evaluation, saving the model): nothing to checkpoint
     return TrainResult(
         state=state,
         train_loss=log.mean_train_loss(),
@@ -248,6 +273,36 @@ def train_loop(
         real_tokens=log.total_tokens,
         stopped_early=stopped_early,
         history=history.events,
+    )
+
+
+def _stop_with_checkpoint(
+    accelerator: Any,
+    batches: TrainBatches,
+    saver: Checkpointer,
+    stop: StopRequest,
+    votes: tuple[int, int],
+    unwind: bool = True,
+) -> None:
+    """The processes agreed to stop: save the steps done, close the trackers, raise.
+
+    Before a window's step, the window goes back first (``unwind``: :meth:`TrainBatches.unwind`), so the
+    checkpoint is the state after the previous optimizer step, as a scheduled save there would have written it.
+    A signal that came during the last step also ends here (a restart then only saves and evaluates).
+    """
+    stop.stopping()
+    reason = stop.reason(*votes, accelerator.num_processes)
+    rng = batches.unwind() if unwind else None
+    step = batches.state.step
+    if step == 0:
+        where = "no optimizer step was done, nothing to save"
+    else:
+        where = f"checkpoint {saver.save(rng=rng)} saved"
+    close_trackers(accelerator, saver.root, step)  # flushed on the main process before any process exits
+    accelerator.wait_for_everyone()
+    logger.info("stopped at step %d on %s", step, reason)
+    raise TrainingStopped(
+        f"at step {step} on {reason}; {where}; continue with the same command and --resume_from_checkpoint latest"
     )
 
 
@@ -291,7 +346,8 @@ class TrainBatches:
     epoch's last window. Resuming from a checkpoint, its RNG states are put back at the point of the loop where
     they were saved, and the batches already trained on in the current epoch are drawn and dropped (collation
     only, no model work): with several processes, accelerate's sharder tops up an epoch's last batches from its
-    first ones, so the whole epoch must pass through it for the shards to come out as they did.
+    first ones, so the whole epoch must pass through it for the shards to come out as they did. A window drawn
+    but not trained on (the run stops before its step) is put back with :meth:`unwind`.
     """
 
     def __init__(
@@ -305,6 +361,8 @@ class TrainBatches:
         self.accelerator, self.loader, self.sampler, self.state = accelerator, loader, sampler, state
         self.resume_from = resume_from
         self.world = accelerator.num_processes
+        self.window_start = state.batches_in_epoch  # where the last window began in its epoch
+        self.epoch_rng: dict[str, Any] | None = None  # RNG states from before the current epoch's loader started
         if state.batches_in_epoch >= self.per_epoch:
             # saved on the last batch of an epoch: the uninterrupted run went straight on to the next epoch
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
@@ -317,6 +375,13 @@ class TrainBatches:
     def epoch_progress(self) -> float:
         """Epochs done, as a fraction (for log lines)."""
         return round(self.state.epoch + min(self.state.batches_in_epoch / self.per_epoch, 1.0), 4)
+
+    def unwind(self) -> dict[str, Any] | None:
+        """Put the last window back: the position returns to its start. Returns the RNG states a checkpoint of this
+        position must hold (those from before the epoch's loader started when the window was the epoch's first;
+        None: the current ones, which drawing a window mid-epoch does not change)."""
+        self.state.batches_in_epoch = self.window_start
+        return self.epoch_rng if self.window_start == 0 else None
 
     def _restore_rng(self) -> None:
         if self.resume_from is not None:
@@ -336,6 +401,7 @@ class TrainBatches:
             if skip == 0:
                 # at an epoch start the uninterrupted run saved before this epoch's loader started (one RNG draw)
                 self._restore_rng()
+            self.epoch_rng = capture_rng() if skip == 0 else None  # what a stop before the epoch's first step saves
             last = len(self.loader) - 1
             window: list[dict[str, torch.Tensor]] = []
             for index, batch in enumerate(self.loader):
@@ -343,6 +409,8 @@ class TrainBatches:
                     continue
                 # mid-epoch the loader had started before the save: restore only now that it has
                 self._restore_rng()
+                if not window:
+                    self.window_start = state.batches_in_epoch
                 state.batches_in_epoch += self.world
                 window.append(batch)
                 if len(window) == size or index == last:
@@ -355,21 +423,27 @@ def _sum_over_processes(accelerator: Any, values: torch.Tensor) -> torch.Tensor:
 
 
 def token_weights(
-    accelerator: Any, window: list[dict[str, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Target tokens of each micro-batch, the weight of each micro-batch's mean loss, the window's target tokens.
+    accelerator: Any, window: list[dict[str, torch.Tensor]], votes: tuple[int, ...] = (0, 0)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Target tokens of each micro-batch, the weight of each micro-batch's mean loss, the window's target tokens,
+    and ``votes`` (this process's counts, e.g. its stop votes) summed over all processes.
 
     With ``n_i`` target tokens in micro-batch ``i`` and ``N`` in the whole window on all processes (one
     all-reduce), the window's loss is ``sum_i mean_loss_i * n_i / N``. ``backward`` divides each loss by
     ``gradient_accumulation_steps`` (accelerate does, or under DeepSpeed the engine itself) and the processes'
     gradients are averaged (DDP, FSDP, ZeRO): the weight is ``n_i * accumulation * processes / N``. It is computed
     in float64, so that it is exactly 1 for one micro-batch on one process.
+
+    The votes travel in the same all-reduce as the token count (reading them back is the one host sync per step).
     """
     targets = torch.stack([(batch["labels"] != -100).sum() for batch in window])
-    total = _sum_over_processes(accelerator, targets.sum())
+    total = targets.sum()
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(torch.cat([total.view(1), targets.new_tensor(votes)]), reduction="sum")
+        total, votes = sums[0], tuple(int(v) for v in sums[1:].tolist())
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     weights = (targets.double() * scale / total.clamp_min(1).double()).float()
-    return targets, weights, total
+    return targets, weights, total, votes
 
 
 class LogWindow:
@@ -382,8 +456,8 @@ class LogWindow:
     lines and ``train_loss`` are those of the uninterrupted run.
     """
 
-    def __init__(self, accelerator: Any, state: TrainState, resume_from: Path | None, output_dir: str) -> None:
-        self.accelerator, self.output_dir = accelerator, output_dir
+    def __init__(self, accelerator: Any, state: TrainState, resume_from: Path | None, checkpoint_dir: Path) -> None:
+        self.accelerator, self.checkpoint_dir = accelerator, checkpoint_dir  # named by a divergence error
         saved = load_process_state(resume_from, accelerator.process_index) if resume_from is not None else {}
         device, main = accelerator.device, accelerator.is_main_process
         self.loss = torch.tensor(saved.get("window_loss", 0.0), device=device, dtype=torch.float32)
@@ -422,7 +496,7 @@ class LogWindow:
         sums = _sum_over_processes(self.accelerator, sums)
         mean_loss = sums[0].item() / max(int(self.targets.item()), 1)
         if not math.isfinite(mean_loss):
-            raise diverged(f"loss became {mean_loss}", step, self.output_dir)
+            raise diverged(f"loss became {mean_loss}", step, self.checkpoint_dir)
         tokens, samples = int(sums[1].item()), int(sums[2].item())
         self.total_tokens += tokens
         self.total_samples += samples
@@ -461,9 +535,9 @@ class LogWindow:
         return float(total / max(int(self.total_targets.item()), 1))
 
 
-def diverged(where: str, step: int, output_dir: str) -> UserError:
+def diverged(where: str, step: int, checkpoint_dir: str | Path) -> UserError:
     """The error for a diverged run, naming the last good checkpoint."""
-    latest = find_latest(output_dir)
+    latest = find_latest(checkpoint_dir)
     kept = (
         f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
         if latest
@@ -473,7 +547,11 @@ def diverged(where: str, step: int, output_dir: str) -> UserError:
 
 
 class Checkpointer:
-    """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones."""
+    """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones.
+
+    Checkpoints go to ``--checkpoint_dir`` (default ``--output_dir``). Each also holds the log history up to its
+    step, so a restart that lost the output folder (a SageMaker spot restart) keeps the whole history.
+    """
 
     def __init__(
         self,
@@ -483,46 +561,69 @@ class Checkpointer:
         log: LogWindow,
         params: list[torch.nn.Parameter],
         model: torch.nn.Module | None = None,
+        history: History | None = None,
+        timer: StopRequest | None = None,
+        resumed: bool = False,
     ) -> None:
         self.accelerator, self.cfg, self.state, self.log, self.params = accelerator, cfg, state, log, params
         self.model = model  # saved loadable in each checkpoint
-        self.last_saved = -1
+        self.history, self.timer = history, timer  # the log copied into checkpoints; the save durations noted
+        self.root = checkpoint_root(cfg)
+        self.last_saved = state.step if resumed else -1  # a resumed run's starting step has its checkpoint
         if accelerator.is_main_process:
-            remove_leftovers(cfg.train.output_dir)  # partial folders of a run killed while saving
+            remove_leftovers(self.root)  # partial folders of a run killed while saving
 
-    def save(self) -> None:
-        """Write a checkpoint of the current step (every process calls this)."""
+    def save(self, rng: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint of the current step (every process calls this) and return its folder.
+
+        ``rng``: this process's RNG states to store instead of the current ones (see :meth:`TrainBatches.unwind`).
+        """
         accelerator, state, log, t = self.accelerator, self.state, self.log, self.cfg.train
+        path = self.root / f"checkpoint-{state.step}"
         if state.step == self.last_saved:  # e.g. a best-metric save and a scheduled save at the same step
-            return
+            return path
+        started = time.perf_counter()
         # the window's losses and the weights themselves must be finite on every process (one all-reduce)
         finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
         samples = torch.tensor(float(log.samples), device=accelerator.device, dtype=torch.float64)
         sums = torch.stack([log.loss.double(), log.tokens.double(), samples, finite.double()])
         sums = _sum_over_processes(accelerator, sums)
         if not math.isfinite(sums[0].item()):
-            raise diverged("loss is not finite (not saving this state)", state.step, t.output_dir)
+            raise diverged("loss is not finite (not saving this state)", state.step, self.root)
         if sums[3].item() < accelerator.num_processes:
-            raise diverged("weights are not finite (not saving this state)", state.step, t.output_dir)
+            raise diverged("weights are not finite (not saving this state)", state.step, self.root)
         own = log.save_to(state, tokens=int(sums[1].item()), samples=int(sums[2].item()))
-        path = save_checkpoint(accelerator, t.output_dir, state, self.cfg, process_state=own, model=self.model)
+        extra = {HISTORY_FILE: jsonl_text(self.history.events)} if self.history is not None else None
+        path = save_checkpoint(
+            accelerator, self.root, state, self.cfg, process_state=own, model=self.model, rng=rng, extra_files=extra
+        )
         self.last_saved = state.step
         if accelerator.is_main_process:
-            prune_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+            prune_checkpoints(self.root, t.save_total_limit, state.best_checkpoint)
+            flush_trackers(accelerator)  # the events up to this checkpoint outlive a kill
         accelerator.wait_for_everyone()
+        if self.timer is not None:
+            self.timer.record("save", time.perf_counter() - started)
         logger.info("saved checkpoint %s", path)
+        return path
 
 
 class History:
     """Log events, to the trackers (``train/loss``, ``eval/loss``, ...) and to ``log_history.jsonl`` (main
-    process); kept in memory too. Resuming, the file keeps what was logged up to the checkpoint's step."""
+    process); kept in memory too. Resuming, the file keeps what was logged up to the checkpoint's step (taken
+    from the checkpoint's own copy when the output folder lost it)."""
 
-    def __init__(self, accelerator: Any, output_dir: str, keep_from_step: int = 0) -> None:
+    def __init__(
+        self, accelerator: Any, output_dir: str, keep_from_step: int = 0, checkpoint: Path | None = None
+    ) -> None:
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "log_history.jsonl" if accelerator.is_main_process else None
+        self.path = Path(output_dir) / HISTORY_FILE if accelerator.is_main_process else None
         self.events: list[dict[str, Any]] = []
-        if self.path is not None and self.path.exists() and keep_from_step:
-            kept = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        source = self.path
+        if source is not None and not source.exists() and checkpoint is not None:
+            source = checkpoint / HISTORY_FILE
+        if source is not None and source.exists() and keep_from_step:
+            kept = [json.loads(x) for x in source.read_text().splitlines() if x.strip()]
             self.events = [e for e in kept if e.get("step", 0) <= keep_from_step]
             write_jsonl(self.path, self.events)
         elif self.path is not None:
@@ -530,8 +631,7 @@ class History:
 
     def write(self, event: dict[str, Any], kind: str) -> None:
         """Record one event of ``kind`` (``train`` or ``eval``; its keys may repeat the kind: ``eval_loss``)."""
-        tracked = {f"{kind}/{k.removeprefix(kind + '_')}": v for k, v in event.items() if k != "step" and v is not None}
-        self.accelerator.log(tracked, step=event["step"])
+        self.accelerator.log(tracked_values(event, kind), step=event["step"])
         self.events.append(event)
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:  # a log grows line by line

@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             total_steps = training.plan_steps(cfg, sampler, accelerator.num_processes)
             scheduler = training.build_scheduler(optimizer, cfg, total_steps)  # stepped by the loop, not prepared
             state = checkpointing.start_or_resume(accelerator, cfg, scheduler, run.resume)
-            tracking.start_tracking(accelerator, cfg, {"parameters": params, "total_optimizer_steps": total_steps})
+            run_config = {"parameters": params, "total_optimizer_steps": total_steps}
+            tracking.start_tracking(accelerator, cfg, run_config, resumed_at=state.step)  # a restart: the same run
             evaluate = steps.build_validation(accelerator, model, tokenizer, val_loader, splits, cfg)
             result = training.train_loop(
                 accelerator, model, optimizer, scheduler, loader, sampler, cfg, total_steps, state, evaluate, run.resume
