@@ -771,7 +771,13 @@ def _launcher_env(config: Path) -> dict[str, str]:
 
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(config), "--num_processes", "1", "benchmark"])
-    args, defaults, precision_from_config = _validate_launch_command(args)
+    launch_logger = logging.getLogger("accelerate.commands.launch")
+    level = launch_logger.level
+    launch_logger.setLevel(logging.ERROR)  # its notes on defaults it filled in concern a command line, not us
+    try:
+        args, defaults, precision_from_config = _validate_launch_command(args)
+    finally:
+        launch_logger.setLevel(level)
     if args.use_deepspeed:
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if precision_from_config else [])
         args.deepspeed_fields_from_accelerate_config = ",".join(fields)
