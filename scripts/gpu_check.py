@@ -4,8 +4,9 @@
     python scripts/gpu_check.py --model_dir DIR --data_file FILE.jsonl --steps 30
     python scripts/gpu_check.py --cpu                # the same plan on CPU, to check it without a GPU
 
-Full and LoRA, bf16, single GPU, DeepSpeed ZeRO-2/ZeRO-3 on one GPU, gradient checkpointing off/on; prints
-tokens/s, MFU, peak GPU memory and step time. Details: dialogsum/devtools/gpu_check.py.
+Full and LoRA with the shipped launcher configs (bf16, compiled): single GPU, DeepSpeed ZeRO-2/ZeRO-3 and FSDP
+with one process, gradient checkpointing off/on; prints tokens/s, MFU, peak GPU memory, step time and whether the
+run compiled (`--parallel N`: N runs at a time). Details: dialogsum/devtools/gpu_check.py.
 """
 
 from dialogsum.devtools.gpu_check import main
