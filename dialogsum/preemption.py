@@ -95,9 +95,8 @@ class StopRequest:
     """Whether this process wants the run to stop: a stop signal arrived, or ``--max_time`` is nearly used up.
 
     Between :meth:`install` and :meth:`release` (the training loop), SIGTERM, SIGINT and SIGUSR1 set a flag
-    instead of ending the process. Once a stop is under way (:meth:`stopping`) the handlers stay in place until
-    the process exits, so that a launcher's SIGTERM to processes still closing their trackers cannot cut them
-    short.
+    instead of ending the process. Once the processes agreed to stop (:meth:`stopping`), a second Ctrl-C no longer
+    aborts: the stop's checkpoint and the trackers' flush are under way.
 
     The time budget needs the durations of what comes next: the longest training step so far, the last
     evaluation, the last save (estimated before the first one) and :data:`EXIT_MARGIN_S`; the loop reports them
@@ -128,9 +127,8 @@ class StopRequest:
                 self._previous[number] = signal.signal(number, self._on_signal)
 
     def release(self) -> None:
-        """Give the signals their previous handlers back, unless a stop is under way (see the class docstring)."""
-        if self._stopping:
-            return
+        """Give the signals their previous handlers back (the process leaving after a stop ignores SIGTERM from
+        then on: :func:`dialogsum.cli.run_cli`)."""
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()
@@ -174,7 +172,7 @@ class StopRequest:
         return int(self.signalled), int(late)
 
     def stopping(self) -> None:
-        """The processes agreed to stop: keep the handlers until exit."""
+        """The processes agreed to stop: from now on a repeated Ctrl-C does not abort the checkpoint."""
         self._stopping = True
 
     def reason(self, signal_votes: int, time_votes: int, num_processes: int) -> str:

@@ -30,7 +30,7 @@ from dialogsum.devtools.soak import TRAIN_FLAGS, Setup
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.preemption import EXIT_STOPPED, StopRequest, parse_duration
 
-FULL_1P, LORA_1P, FULL_2P, LORA_2P = soak.SETUPS
+FULL_1P, LORA_1P, FULL_2P, LORA_2P = Setup("full", 1), Setup("lora", 1), Setup("full", 2), Setup("lora", 2)
 
 
 @pytest.fixture(scope="module")

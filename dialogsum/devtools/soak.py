@@ -71,7 +71,9 @@ class Setup:
         return f"{self.method}-{self.processes}p"
 
 
-SETUPS = tuple(Setup(m, p) for p in (1, 2) for m in ("full", "lora"))
+#: In this order SIGKILLs are dealt out from the first setup and SIGTERMs from the third, so that 2 + 2 already
+#: covers both methods, both process counts and both signals.
+SETUPS = (Setup("full", 1), Setup("lora", 2), Setup("lora", 1), Setup("full", 2))
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Reference:
     startup_s: float
     """Process start until the training loop began (``log_history.jsonl`` created)."""
     train_s: float
-    """Training loop start until the process ended."""
+    """Training loop start until its last log line (the loop's duration)."""
 
 
 @dataclass
@@ -194,16 +196,18 @@ def run_reference(setup: Setup, model: Path, data: Path, out: Path, env: dict[st
     history = out / "log_history.jsonl"
     with open(out.parent / f"{out.name}.stderr", "w") as err:
         proc = subprocess.Popen(command(setup, model, data, out), stdout=subprocess.DEVNULL, stderr=err, env=env)
-        loop_at = None
+        loop_at = last_line_at = None
+        size = 0
         while proc.poll() is None:
-            if loop_at is None and history.exists():
-                loop_at = time.monotonic()
+            if history.exists():
+                loop_at = loop_at or time.monotonic()
+                if history.stat().st_size > size:
+                    size, last_line_at = history.stat().st_size, time.monotonic()
             time.sleep(0.01)
-    ended = time.monotonic()
     if proc.returncode != 0:
         raise RuntimeError(f"reference run {setup.name} failed ({proc.returncode}); see {out}.stderr")
-    loop_at = loop_at or ended
-    return Reference(setup, out, startup_s=loop_at - started, train_s=ended - loop_at)
+    loop_at = loop_at or time.monotonic()
+    return Reference(setup, out, startup_s=loop_at - started, train_s=(last_line_at or loop_at) - loop_at)
 
 
 def _tree(proc: subprocess.Popen) -> list[Any]:
@@ -375,8 +379,8 @@ def run_chain(
     total = int(TRAIN_FLAGS["max_train_steps"])
     pending = list(kinds)
     while len(chain.attempts) < MAX_STARTS:
-        kind = pending[0] if pending else None
         left = 1 - _latest_step(out) / total
+        kind = pending[0] if pending and left > 0 else None  # nothing left to train: let it finish
         if rng.random() < STARTUP_SHARE:  # while loading: nothing to save yet
             after, delay = None, rng.uniform(0, ref.startup_s)
         else:
@@ -459,12 +463,14 @@ class SoakReport:
 
 
 def plan(kills: int, terms: int, setups: tuple[Setup, ...], rng: random.Random) -> dict[Setup, list[str]]:
-    """Spread ``kills`` SIGKILLs and ``terms`` SIGTERMs over ``setups`` as evenly as possible, shuffled."""
-    kinds = [k for pair in zip(["SIGKILL"] * kills, ["SIGTERM"] * terms) for k in pair]  # alternating
-    kinds += ["SIGKILL"] * (kills - terms) + ["SIGTERM"] * (terms - kills)  # the rest of the longer list
+    """Deal ``kills`` SIGKILLs (from the first setup on) and ``terms`` SIGTERMs (from the middle one on) out to
+    ``setups`` in turn, so each setup gets both kinds as evenly as possible; each setup's list is shuffled."""
+    n = len(setups)
     per_setup: dict[Setup, list[str]] = {s: [] for s in setups}
-    for i, kind in enumerate(kinds):
-        per_setup[setups[i % len(setups)]].append(kind)
+    for i in range(kills):
+        per_setup[setups[i % n]].append("SIGKILL")
+    for i in range(terms):
+        per_setup[setups[(i + n // 2) % n]].append("SIGTERM")
     for queue in per_setup.values():
         rng.shuffle(queue)
     return per_setup
