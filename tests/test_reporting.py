@@ -241,6 +241,10 @@ def test_model_card_loading_code_runs(tmp_path: Path, tiny_model_dir: Path) -> N
 
     full_out = tmp_path / "full"
     shutil.copytree(tiny_model_dir, full_out)
+    # a run saves its generation settings with the model; the card's snippet relies on them
+    generation = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).generation_config
+    generation.max_new_tokens = 5
+    generation.save_pretrained(full_out)
     config = {"method": "full", "model_name_or_path": str(tiny_model_dir), "max_source_length": 64}
     code = _python_block(write_model_card(full_out, {"generation": {"max_new_tokens": 5}}, config).read_text())
     code = code.replace('"path/to/full"', repr(str(full_out)))
@@ -256,10 +260,11 @@ def test_model_card_loading_code_runs(tmp_path: Path, tiny_model_dir: Path) -> N
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tiny_model_dir / name).exists():
             shutil.copy(tiny_model_dir / name, lora_out / name)
+    generation.save_pretrained(lora_out)
     config = {"method": "lora", "model_name_or_path": str(tiny_model_dir), "max_source_length": 64}
     code = _python_block(write_model_card(lora_out, {"generation": {"max_new_tokens": 5}}, config).read_text())
     code = code.replace('"path/to/lora"', repr(str(lora_out)))
     namespace = {"dialogue": "#Person1#: Hi Bob, where are you going?\n#Person2#: To the park."}
     exec(compile(code, "model_card_lora", "exec"), namespace)  # noqa: S102
     assert type(namespace["model"]).__name__ == "PeftModelForSeq2SeqLM"
-    assert isinstance(namespace["summary_ids"].shape[-1], int)
+    assert namespace["summary_ids"].shape[-1] <= 6  # the adapter folder's generation settings were used
