@@ -43,6 +43,8 @@ from dialogsum.files import write_bytes, write_json, write_text
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+#: In STATE_FILE: every other file of the checkpoint with its size in bytes.
+FILES_KEY = "files"
 #: In TRAINABLE_ONLY_FILE: the model's weights are the checkpoint's loadable model (``model.safetensors``).
 LOADABLE_WEIGHTS = "loadable model.safetensors"
 DATA_DIGEST = "train_file_sha256"
@@ -173,16 +175,28 @@ def checkpoint_root(cfg: Config) -> Path:
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
+    """Complete checkpoints in ``output_dir``, oldest first: a ``trainer_state.json`` and every file it lists (a
+    folder copied back in part, e.g. by a sync to object storage, is not complete; a file that is there but cut
+    short is reported by :func:`check_checkpoint_files` instead)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
+        if match and child.is_dir() and (child / STATE_FILE).is_file() and _all_files_there(child):
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
+
+
+def _all_files_there(checkpoint: Path) -> bool:
+    """Whether the files listed in the checkpoint's state (``files``: name -> bytes) are all there. Checkpoints
+    written before the list existed count as complete, and so does an unreadable state file (reported later)."""
+    try:
+        listed = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get(FILES_KEY)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not isinstance(listed, dict) or all((checkpoint / name).is_file() for name in listed)
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
@@ -490,7 +504,9 @@ def save_checkpoint(
             cfg.save(tmp / "config.yaml")
             for name, text in (extra_files or {}).items():
                 write_text(tmp / name, text, sync=True)
-            write_json(tmp / STATE_FILE, asdict(state), sync=True)  # last: its presence marks a complete folder
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            # last: its presence, with every file it lists, marks a complete folder
+            write_json(tmp / STATE_FILE, {**asdict(state), FILES_KEY: files}, sync=True)
             if final.exists():
                 _remove(final, ".replaced")
             os.replace(tmp, final)

@@ -157,6 +157,18 @@ def test_a_checkpoint_dir_with_another_runs_checkpoints_is_refused(
     assert "holds checkpoints of an earlier run (newest checkpoint-60)" in errors[0]
 
 
+def test_latest_skips_a_checkpoint_restored_in_part(references: dict[Setup, soak.Reference], tmp_path: Path) -> None:
+    """A checkpoint folder synced back without some of its files (SageMaker/S3 restores object by object) is not
+    complete: ``latest`` takes the one before."""
+    for name in ("checkpoint-57", "checkpoint-60"):
+        shutil.copytree(references[FULL_1P].out / name, tmp_path / name)
+    listed = json.loads((tmp_path / "checkpoint-60" / "trainer_state.json").read_text())["files"]
+    assert {"model.safetensors", "optimizer.bin", "rng_state_0.pkl", "log_history.jsonl"} <= set(listed)
+    assert find_latest(tmp_path).name == "checkpoint-60"
+    (tmp_path / "checkpoint-60" / "optimizer.bin").unlink()
+    assert find_latest(tmp_path).name == "checkpoint-57"
+
+
 # --------------------------------------------------------------------------------------------- one process
 
 
