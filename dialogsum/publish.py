@@ -20,25 +20,14 @@ from pathlib import Path
 from dialogsum.config import HubArguments
 from dialogsum.errors import UserError
 from dialogsum.hub import hub_endpoint, hub_offline, whoami
+from dialogsum.run_folder import MODEL_FILES
 
 logger = logging.getLogger(__name__)
 
 #: Top-level files that are uploaded when present.
 PUBLISHED_FILES = (
-    # the model or the adapter
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "generation_config.json",
-    # the tokenizer
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "spiece.model",
-    "added_tokens.json",
-    "chat_template.jinja",
+    # the model or the adapter, its generation settings and the tokenizer
+    *MODEL_FILES,
     # what the run says about itself: card, results, the settings (evaluate.py reads the prompt from them), report
     "README.md",
     "metrics.json",

@@ -37,21 +37,26 @@ RESULT_FILES = (
 WANDB_RUN_FILE = "wandb_run.json"
 #: Everything else a run writes at the top of its output folder: weights, model/adapter config, tokenizer,
 #: model card, tracker files and the quick-start assets.
-RUN_FILES = (
-    *RESULT_FILES,
-    "README.md",
-    "config.json",
-    "generation_config.json",
+#: What a saved model or adapter folder holds at its top level: weights, configs, generation settings, tokenizer.
+MODEL_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
-    "adapter_config.json",
+    "config.json",
     "adapter_model.safetensors",
+    "adapter_config.json",
+    "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "spiece.model",
     "added_tokens.json",
     "chat_template.jinja",
+)
+
+RUN_FILES = (
+    *RESULT_FILES,
+    *MODEL_FILES,
+    "README.md",
     "tensorboard",
     "wandb",
     WANDB_RUN_FILE,
