@@ -114,3 +114,16 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, quickstart_asse
     model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def dropout_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The quick-start tiny T5 with dropout switched on (so the RNG matters for exact-resume tests)."""
+    import shutil
+
+    model = tmp_path_factory.mktemp("dropout") / "tiny-t5-dropout"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["dropout_rate"] = 0.1
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    return model

@@ -36,17 +36,6 @@ WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 LEARNING_RATE = {"full": "3e-3", "lora": "1e-2"}
 
 
-@pytest.fixture(scope="module")
-def dropout_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The quick-start tiny T5 with dropout switched on (so the RNG matters)."""
-    model = tmp_path_factory.mktemp("dropout") / "tiny-t5-dropout"
-    shutil.copytree(tiny_model_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    config["dropout_rate"] = 0.1
-    (model / "config.json").write_text(json.dumps(config, indent=2))
-    return model
-
-
 def _command(method: str, model: Path, data: Path, out: Path, *extra: str, **flags: str) -> list[str]:
     """``python scripts/train_<method>.py`` with the setup above; ``flags`` override single settings."""
     settings = {

@@ -45,17 +45,6 @@ SETTINGS = {
 LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 
 
-@pytest.fixture(scope="module")
-def dropout_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The quick-start tiny T5 with dropout switched on (so the RNG matters)."""
-    model = tmp_path_factory.mktemp("budget") / "tiny-t5-dropout"
-    shutil.copytree(tiny_model_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    config["dropout_rate"] = 0.1
-    (model / "config.json").write_text(json.dumps(config, indent=2))
-    return model
-
-
 def _args(model: Path, data: Path, out: Path, *extra: str, **flags: str) -> list[str]:
     settings = {
         "model_name_or_path": str(model),
