@@ -21,6 +21,14 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant figures (a measured time or rate keeps its precision however
+    small it is, where rounding to fixed decimals turns 0.04 s into a 10% error)."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
 def points(score: Any) -> str:
     """A 0..1 score as points with two decimals (``0.4731`` -> ``47.31``)."""
     return f"{100 * score:.2f}" if is_number(score) else MISSING

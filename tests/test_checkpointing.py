@@ -170,7 +170,7 @@ def _train(out: Path, model: Path, data: Path, *extra: str):
         *("--report_to", "none", "--do_eval", "false", "--logging_steps", "1"),
         *extra,
     ]
-    proc = run_script(cmd, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
+    proc = run_script(cmd, env=subprocess_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

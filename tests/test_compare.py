@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_TIMEOUT_S
 
 from dialogsum.comparison import (
     build_comparison,
@@ -121,7 +122,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG_TIMEOUT_S,
         check=False,
     )
 

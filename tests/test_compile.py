@@ -51,7 +51,7 @@ def _run(config: Path, method: str, model: Path, data: Path, out: Path, *extra: 
     cmd += ["--per_device_train_batch_size", "8", "--learning_rate", LEARNING_RATE[method], "--lora_dropout", "0"]
     cmd += ["--max_source_length", "96", "--max_target_length", "32", "--max_test_samples", "4"]
     cmd += ["--max_new_tokens", "8", *extra]
-    proc = run_script(cmd, timeout=900, env=subprocess_env(OMP_NUM_THREADS="1"))
+    proc = run_script(cmd, env=subprocess_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, subprocess_env
 
 from dialogsum.config import DEFAULT_LEARNING_RATE, LAB_PROMPT, parse_config
 from dialogsum.errors import ConfigError
@@ -110,7 +110,7 @@ def test_cli_bad_flag_is_one_line_exit_2() -> None:
             capture_output=True,
             text=True,
             env=subprocess_env(),
-            timeout=60,
+            timeout=HANG_TIMEOUT_S,
         )
         assert proc.returncode == 2
         assert expected in proc.stderr
@@ -124,7 +124,7 @@ def test_help_documents_every_flag() -> None:
         capture_output=True,
         text=True,
         env=subprocess_env(),
-        timeout=60,
+        timeout=HANG_TIMEOUT_S,
     )
     assert proc.returncode == 0
     for flag in (

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import subprocess_env
+from helpers import HANG_TIMEOUT_S, subprocess_env
 
 PROBE = """
 import json, os, resource, torch
@@ -41,7 +41,8 @@ def _probe(**extra: str) -> dict:
     for key in ("THP_MEM_ALLOC_ENABLE", "DIALOGSUM_CPU_TUNING"):
         if key not in extra:  # an in-process build_accelerator of an earlier test may have set it here
             env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env=env)
+    cmd = [sys.executable, "-c", PROBE]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -93,7 +94,7 @@ def test_build_accelerator_flushes_denormals_on_cpu() -> None:
         "print(torch.get_num_threads(), int((big * 1.0).count_nonzero()))\n"
     )
     env = subprocess_env(ACCELERATE_MIXED_PRECISION="bf16", OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     threads, nonzero = proc.stdout.split()
     assert nonzero == "0", f"denormals survived in an OpenMP thread ({threads} threads)"

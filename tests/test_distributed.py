@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_script, subprocess_env
+from helpers import HANG_TIMEOUT_S
 from safetensors.torch import load_file
 
 from dialogsum.distributed import launch_request_from_argv
@@ -77,7 +78,8 @@ def recording_trainer(directory: Path) -> Path:
 
 
 def launch_recording(
-    config: str, method: str, args: list[str], workdir: Path, launch_args: list[str] | None = None, timeout: int = 400
+    config: str, method: str, args: list[str], workdir: Path, launch_args: list[str] | None = None,
+    timeout: int = HANG_TIMEOUT_S,
 ) -> tuple[subprocess.CompletedProcess, list[dict[str, torch.Tensor]]]:
     """Train with the real training script in ``accelerate launch``; return the process and each rank's parameters."""
     rank_dir = workdir / "ranks"
@@ -115,7 +117,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def launch(launch_args: list[str], script: Path, timeout: int = 180) -> tuple[int, list[dict], str]:
+def launch(launch_args: list[str], script: Path, timeout: int = HANG_TIMEOUT_S) -> tuple[int, list[dict], str]:
     """Run ``accelerate launch <launch_args> script``; return (exit code, probe reports, stderr)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(script)]
     env = subprocess_env()
@@ -309,7 +311,7 @@ def test_accumulation_matches_processes(two_process_run, quickstart_assets: tupl
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu.yaml")]
     cmd += ["--mixed_precision", "no", str(REPO / "scripts" / "train_full.py")]
     cmd += [*FAST, "--gradient_accumulation_steps", "2", "--output_dir", str(one)]
-    p1 = run_script(cmd, timeout=400)
+    p1 = run_script(cmd)
     assert p1.returncode == 0, p1.stderr[-4000:]
     assert "effective batch: 8 per device x 2 accumulation x 1 process(es) = 16" in p1.stderr
     start = load_file(str(two / "quickstart_assets" / model_dir.name / "model.safetensors"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, run_script, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, run_script, subprocess_env
 from safetensors.torch import load_file
 
 from dialogsum.config import parse_config
@@ -128,7 +128,7 @@ except ImportError:
     blocked = True
 print(json.dumps({{"predictions": out, "peft_blocked": blocked}}))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
                           env=subprocess_env(OMP_NUM_THREADS="1"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -184,7 +184,7 @@ def test_evaluate_summarize_and_export_take_a_checkpoint_folder(runs: dict[str, 
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "summarize.py"), "--model_name_or_path", str(full / "checkpoint-10"),
          "--max_new_tokens", "32"],
-        input=dialogue, capture_output=True, text=True, timeout=300, env=env,
+        input=dialogue, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["summary"]
@@ -213,7 +213,7 @@ def test_export_refuses_bad_input_in_one_line(args: list[str], message: str, run
     args = [a.format(**values) for a in args]
     if "--adapter_path" not in args:
         args = ["--adapter_path", str(runs["lora"]), *args]
-    proc = run_script([sys.executable, str(REPO / "scripts" / "export.py"), *args], timeout=120)
+    proc = run_script([sys.executable, str(REPO / "scripts" / "export.py"), *args])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

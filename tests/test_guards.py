@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_script, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, run_script, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from dialogsum.checkpointing import STATE_FILE, find_latest
@@ -39,7 +39,7 @@ def _train(
         cmd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT_S,
         env=subprocess_env(OMP_NUM_THREADS="1"),
         cwd=str(REPO),
         **popen,  # type: ignore[arg-type]
@@ -162,13 +162,13 @@ def small_disk(tmp_path: Path):
     mount_point.mkdir()
 
     def mount(size_kb: int) -> Path:
-        proc = run_script(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount_point)], timeout=30)
+        proc = run_script(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount_point)])
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
         return mount_point
 
     yield mount
-    subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30)
+    subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=HANG_TIMEOUT_S)
 
 
 @pytest.mark.skipif(not shutil.which("mount"), reason="no mount command")

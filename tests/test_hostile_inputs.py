@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, subprocess_env
 from test_bad_input import Case
 
 #: Flags of every training run here: the quick-start tiny T5 and data, a few steps, no tracker.
@@ -62,7 +62,7 @@ def _run(script: str, args: list[str], stdin: str | None = None) -> subprocess.C
         capture_output=True,
         text=True,
         input=stdin,
-        timeout=300,
+        timeout=HANG_TIMEOUT_S,
         env=subprocess_env(OMP_NUM_THREADS="1"),
         cwd=str(REPO),
     )

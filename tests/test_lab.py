@@ -47,7 +47,7 @@ def test_bad_flags_stop_the_lab_before_any_stage(tmp_path: Path) -> None:
         (["--source_prefix", "x"], "--source_prefix is --prompt_template here"),
         (["--config", "x.yaml"], "--config is set by the lab for each stage"),
     ):
-        proc = run_script([*LAB, "--quickstart", "--output_dir", str(tmp_path / "lab"), *args], timeout=120)
+        proc = run_script([*LAB, "--quickstart", "--output_dir", str(tmp_path / "lab"), *args])
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
         assert "==>" not in proc.stderr and not (tmp_path / "lab").exists()

@@ -64,7 +64,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = run_script(cmd, timeout=300, env=_env())
+    proc = run_script(cmd, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -75,7 +75,7 @@ def _kill(cmd: list[str], out: Path, step: int, during_save: bool) -> str:
     with open(out.parent / f"{out.name}.stderr", "a") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env(), cwd=str(REPO))
         where = None
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + HANG_TIMEOUT_S
         while proc.poll() is None and time.monotonic() < deadline:
             names = set(os.listdir(out)) if out.is_dir() else set()
             if during_save and f"checkpoint-{step}.tmp" in names:
@@ -202,7 +202,7 @@ def test_resume_refuses_other_settings_naming_them(
     cmd = _command(
         "lora", dropout_model, synthetic_data_dir, tmp_path / "a", *resume, lora_r="8", max_source_length="32"
     )
-    proc = run_script(cmd, timeout=120, env=_env())
+    proc = run_script(cmd, env=_env())
     assert proc.returncode == 1
     error = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert len(error) == 1 and "settings differ" in error[0], proc.stderr[-2000:]
@@ -210,7 +210,7 @@ def test_resume_refuses_other_settings_naming_them(
     assert "trainable" not in proc.stderr  # refused before the model was loaded
 
     cmd = _command("full", dropout_model, synthetic_data_dir, tmp_path / "b", *resume)
-    proc = run_script(cmd, timeout=120, env=_env())
+    proc = run_script(cmd, env=_env())
     assert proc.returncode == 1 and "method: checkpoint 'lora' vs now 'full'" in proc.stderr
 
 
@@ -224,7 +224,7 @@ def test_two_processes_resume_bit_for_bit(dropout_model: Path, synthetic_data_di
     def launch(out: Path, *extra: str) -> None:
         sizes = {"max_train_samples": "22", "per_device_train_batch_size": "2", "max_train_steps": "5"}
         cmd = _command("full", dropout_model, synthetic_data_dir, out, *extra, checkpointing_steps="4", **sizes)
-        proc = accelerate_launch("multi_cpu.yaml", "train_full.py", cmd[2:], timeout=300, env=_env())
+        proc = accelerate_launch("multi_cpu.yaml", "train_full.py", cmd[2:], env=_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     ref = tmp_path / "reference"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_script, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, run_script, subprocess_env
 
 from dialogsum.config import DataArguments, LoraArguments
 from dialogsum.errors import UserError
@@ -98,7 +98,7 @@ def _run_with_stdin(model: Path, text: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=subprocess_env(OMP_NUM_THREADS="1"),
-        timeout=120,
+        timeout=HANG_TIMEOUT_S,
         check=False,
     )
 

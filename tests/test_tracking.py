@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import HANG_TIMEOUT_S
 from tensorboard.backend.event_processing import event_accumulator
 from wandb_records import find_run_file, load_run
 
@@ -269,7 +270,8 @@ def test_no_login_message_is_printed_once(wandb_env: Path) -> None:
     code = "from dialogsum.tracking import resolve_trackers; print(resolve_trackers('all'))"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
     env["PYTHONPATH"] = str(REPO)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    cmd = [sys.executable, "-c", code]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['tensorboard']"
     assert result.stderr.count("W&B: no API key found") == 1
@@ -366,7 +368,7 @@ def test_quickstart_training_logs_the_same_values_to_wandb_tensorboard_and_files
         "--eval_with_generation", "--max_eval_samples", "8", "--max_test_samples", "8", "--log_model",
         "--run_name", "e2e", "--wandb_group", "tests", "--wandb_tags", "quickstart", "cpu",
     ]  # fmt: skip
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -467,7 +469,7 @@ def test_evaluate_logs_the_zero_shot_baseline_next_to_the_training_runs(
         "--test_file", str(synthetic_data_dir / "test.jsonl"), "--max_test_samples", "8", "--max_new_tokens", "16",
         "--output_dir", str(out), "--report_to", "wandb", "--wandb_tags", "baseline",
     ]  # fmt: skip
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     run = load_run(find_run_file(out / "wandb"))

@@ -53,7 +53,7 @@ import torch
 from dialogsum.devtools.flops import FLOP_FORMULA, T5Dims, mfu, training_flops
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.files import write_json
-from dialogsum.formatting import markdown_table
+from dialogsum.formatting import markdown_table, significant
 from dialogsum.precision import matmul_peak_gflops
 
 logger = logging.getLogger(__name__)
@@ -907,20 +907,21 @@ def _row(case: Case, raw: dict[str, Any], dims: T5Dims) -> dict[str, Any]:
         "launch_config": case.launch_config,
         "gradient_checkpointing": case.gradient_checkpointing,
         "steps": steps,
-        "seconds": round(seconds, 3),
-        "s_per_step": round(seconds / steps, 4),
+        "samples": raw["samples"],
+        "seconds": significant(seconds),
+        "s_per_step": significant(seconds / steps),
         "compile_seconds": round(raw.get("compile_seconds", 0.0), 2),
         "graphs_compiled_in_measured_steps": raw.get("graphs_compiled_in_measured_steps", 0),
         "real_tokens": raw["real_tokens"],
-        "tokens_per_s": round(raw["real_tokens"] / seconds, 2),
-        "samples_per_s": round(raw["samples"] / seconds, 3),
+        "tokens_per_s": significant(raw["real_tokens"] / seconds),
+        "samples_per_s": significant(raw["samples"] / seconds),
         "samples_per_step": round(raw["samples"] / steps, 1),
         "padding_fraction": round(raw["padding_fraction"], 4),
-        "peak_memory_mb": round(raw["peak_memory_mb"], 1),
+        "peak_memory_mb": significant(raw["peak_memory_mb"]),
         "training_gflop": round(flops / 1e9, 2),
-        "achieved_gflops": round(achieved, 2),
-        "matmul_peak_gflops": round(raw["matmul_peak_gflops"], 2),
-        "mfu": round(mfu(achieved, raw["matmul_peak_gflops"]), 4),
+        "achieved_gflops": significant(achieved),
+        "matmul_peak_gflops": significant(raw["matmul_peak_gflops"]),
+        "mfu": significant(mfu(achieved, raw["matmul_peak_gflops"])),
         "tf32": raw.get("tf32", False),
         "trainable_params": raw["trainable_params"],
         "total_params": raw["total_params"],
@@ -931,7 +932,7 @@ def _row(case: Case, raw: dict[str, Any], dims: T5Dims) -> dict[str, Any]:
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
+    return significant(a / b) if a is not None and b else None
 
 
 def run_benchmark(args: BenchmarkArgs) -> dict[str, Any]:
@@ -1070,7 +1071,7 @@ def summarise(
         "train_speedup_vs_reference": field_of(default_name, "speedup_vs_reference"),
         "train_speedup_vs_reference_fp32": field_of(fp32_name, "speedup_vs_reference"),
         "lora_speedup_vs_reference": field_of(lora_name, "speedup_vs_reference"),
-        "eval_speedup": round(eval_raw["eval_speedup"], 3) if eval_raw else None,
+        "eval_speedup": significant(eval_raw["eval_speedup"]) if eval_raw else None,
         "mfu": ours["mfu"] if ours else None,
         "token_budget_mfu": max(budget_mfus) if budget_mfus else None,
         "compile_seconds": ours["compile_seconds"] if ours and compiled else None,
