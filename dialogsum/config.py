@@ -122,7 +122,7 @@ class DataArguments:
     max_tokens_per_batch: int | None = _help(
         "Token-budget training batches: as many (length-grouped) examples as fit N padded tokens, examples x "
         "(prompt width + summary width), instead of --per_device_train_batch_size examples. The batch then "
-        "varies in examples: see the README for the learning rate.",
+        "varies in examples: see docs/training.md for the learning rate.",
         default=None,
     )
     length_buckets: str = _help(

@@ -11,7 +11,7 @@ Two costs of a step on a CPU besides the matmuls themselves:
   threshold 1 GiB) and backing tensors of 2 MiB or more with transparent huge pages (PyTorch's
   ``THP_MEM_ALLOC_ENABLE``) lets a step reuse the memory of the one before.
 
-:func:`tune_cpu_runtime` applies both (what each gave on a flan-t5-base step is in BENCHMARKS.md);
+:func:`tune_cpu_runtime` applies both (what each gave on a flan-t5-base step is in docs/cpu-profile.md);
 ``DIALOGSUM_CPU_TUNING=off`` leaves the process as it was (e.g. to measure the difference).
 
 Call it first, before any tensor work: the settings must be in place before the math library starts its worker

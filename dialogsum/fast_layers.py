@@ -4,7 +4,7 @@
   0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as eight separate tensor operations, each a full pass over
   the [batch, tokens, d_ff] activations, and keeps their intermediates for the backward pass.
   ``nn.GELU(approximate="tanh")`` is the same formula in one kernel (values agree to ~5e-7), so a step does
-  fewer passes over memory and keeps fewer activations (BENCHMARKS.md).
+  fewer passes over memory and keeps fewer activations (docs/cpu-profile.md).
 
 The layer holds no weights: state dicts, checkpoints and saved configs (still ``gelu_new``) are those of the
 original model, and a reloaded model computes the same function.

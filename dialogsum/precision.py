@@ -4,7 +4,7 @@ bf16 autocast speeds a training step up only where bf16 matmuls beat fp32. On CP
 (AVX-512 without the BF16 extension, e.g. the m5 instance class, or AVX2 only) oneDNN emulates bf16, which is
 slower than fp32, so a launcher config that asks for bf16 is downgraded to fp32 there (with a log line). A native
 flag is not enough either: a CPU can report ``avx512_bf16`` and still run bf16 kernels slower than fp32 (figures
-in BENCHMARKS.md), so a short timing probe decides. fp16 is refused on the CPU: T5 overflows in fp16 and CPU
+in docs/benchmark-method.md), so a short timing probe decides. fp16 is refused on the CPU: T5 overflows in fp16 and CPU
 fp16 matmuls are far slower than fp32.
 
 ``DIALOGSUM_CPU_BF16`` overrides the detection: ``auto`` (default), ``force`` (use bf16 even where it is

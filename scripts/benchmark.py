@@ -4,7 +4,7 @@
         --data_file ../shared/data/dialogsum/dialogsum.dev.jsonl --output_json bench.json
 
 Prints a table (s/step, real tokens/s, samples/s, padding, peak memory, speed-up over the reference loop, MFU)
-and writes every figure to --output_json. See BENCHMARKS.md for the method and the figures of this project.
+and writes every figure to --output_json. See docs/benchmarks.md for the method and the figures of this project.
 """
 
 from dialogsum.cli import run_cli

@@ -1,6 +1,6 @@
 """The benchmark: runs end to end on the tiny model with sane figures; FLOP count; CPU precision choice.
 
-No timing is asserted: speed is a benchmark figure (BENCHMARKS.md), not a test.
+No timing is asserted: speed is a benchmark figure (docs/benchmarks.md), not a test.
 """
 
 from __future__ import annotations

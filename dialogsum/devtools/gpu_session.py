@@ -30,7 +30,7 @@ deadline (``--seconds``, default 560: the device tool's 600-s limit minus a marg
 
 Results land in ``$OUT`` (``--out``) as they come, at most 8 files (the device tool brings back 8): ``env.json``,
 ``session.log``, ``bench_gpu.json`` + ``bench_gpu.txt``, ``gpu_check.json`` + ``gpu_check.md``,
-``bench_gpu_extra.json`` and ``failures.txt`` (the last lines of every failed run). BENCHMARKS.md says how to
+``bench_gpu_extra.json`` and ``failures.txt`` (the last lines of every failed run). docs/benchmarks.md says how to
 run it and where its figures go.
 """
 

@@ -440,7 +440,7 @@ class SoakReport:
         return [p for c in self.chains for p in c.problems]
 
     def summary(self) -> dict[str, Any]:
-        """Figures for the README: counts, outcomes, stop latencies, verdict."""
+        """Figures for docs/preemption.md: counts, outcomes, stop latencies, verdict."""
         terms = self.interruptions("SIGTERM")
         graceful = [a for a in terms if a.stop_line and "saved" in a.stop_line]
         latencies = sorted(a.exit_after_signal_s for a in graceful if a.exit_after_signal_s is not None)
