@@ -30,6 +30,7 @@ from dialogsum.metrics import (
     PROTOCOLS,
     ROUGE_KEYS,
     ROUGE_LABELS,
+    eval_set_fingerprint,
     paired_bootstrap,
     rouge_with_intervals,
     score_examples,
@@ -168,6 +169,7 @@ def align_to_baseline(runs: list[RunResult]) -> list[RunResult]:
                     f"runs {base.name!r} and {run.name!r} have different dialogue texts for id "
                     f"{base.ids[base_index]!r}; evaluate them on the same test set"
                 )
+        check_same_references(base, run, order)
         aligned.append(
             RunResult(
                 run.name,
@@ -180,6 +182,24 @@ def align_to_baseline(runs: list[RunResult]) -> list[RunResult]:
             )
         )
     return aligned
+
+
+def check_same_references(base: RunResult, run: RunResult, order: list[int]) -> None:
+    """Refuse two runs scored against different references for the same dialogues (``order``: the run's index
+    of each baseline example): ROUGE against 3 references and against 1 differ by tens of points whatever the
+    predictions, so such a gap says nothing about the systems."""
+    for base_index, run_index in enumerate(order):
+        ours, theirs = base.references[base_index], run.references[run_index]
+        if sorted(r.strip() for r in ours) == sorted(r.strip() for r in theirs):
+            continue
+        how = f"{len(ours)} in {base.name}, {len(theirs)} in {run.name}"
+        how = "worded differently" if len(ours) == len(theirs) else how
+        raise UserError(
+            f"runs {base.name!r} and {run.name!r} were scored on different evaluation sets (eval set "
+            f"{eval_set_fingerprint(base.dialogues, base.references)} vs "
+            f"{eval_set_fingerprint(run.dialogues, run.references)}: the references of id {base.ids[base_index]!r} "
+            f"differ, {how}); their ROUGE is not comparable: evaluate both on the same test file"
+        )
 
 
 # --------------------------------------------------------------------------------------------- analysis
@@ -237,6 +257,7 @@ def build_comparison(
                 "generation": run.metrics.get("generation"),
                 "num_examples": len(run.predictions),
                 "num_references": sum(len(r) for r in run.references),
+                "eval_set_fingerprint": eval_set_fingerprint(run.dialogues, run.references),
                 "rouge": intervals,
                 "protocols": protocols,
                 "metrics_json_rouge": reported,

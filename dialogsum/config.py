@@ -12,6 +12,7 @@ Precision and topology (mixed precision, number of processes, DeepSpeed/FSDP) be
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import math
 import os
@@ -416,7 +417,41 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         **{a.dest: _NOT_GIVEN for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
     )
     parser.parse_args(list(argv) if argv is not None else None, namespace=namespace)
-    return {k: v for k, v in vars(namespace).items() if v is not _NOT_GIVEN}
+    given = {k: v for k, v in vars(namespace).items() if v is not _NOT_GIVEN}
+    for action in parser._actions:
+        if action.nargs in ("+", "*") and isinstance(given.get(action.dest), list):
+            given[action.dest] = _expand_list_literal(action, given[action.dest])
+    return given
+
+
+def _expand_list_literal(action: argparse.Action, values: list[Any]) -> list[Any]:
+    """A list flag given as one ``['q', 'v']`` argument: the items of that list.
+
+    That is how SageMaker passes a list hyperparameter: its training toolkit puts ``str(value)`` of each
+    hyperparameter after its flag, so ``{"lora_target_modules": ["q", "v"]}`` arrives as the single argument
+    ``['q', 'v']``. The JSON spelling ``["q","v"]`` is read too.
+    """
+    if len(values) != 1 or not isinstance(values[0], str):
+        return values
+    text = values[0].strip()
+    if not (text.startswith("[") or text.endswith("]")):  # no item of these flags is bracketed
+        return values
+    flag = action.option_strings[0]
+    try:
+        items = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        raise ConfigError(
+            f"{flag}: cannot read {text} as a list; give the items as separate arguments ({flag} q v), as a "
+            "Python or JSON list in one argument (['q', 'v'], as SageMaker passes list hyperparameters), or "
+            "as a YAML list in a --config file"
+        ) from exc
+    if not isinstance(items, (list, tuple)) or any(isinstance(i, (list, tuple, dict, set)) for i in items):
+        raise ConfigError(f"{flag}: {text} must be a flat list of values (e.g. ['q', 'v'])")
+    convert = action.type or str
+    try:
+        return [convert(str(item)) for item in items]
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"{flag}: invalid item in {text}: {exc}") from exc
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -521,6 +556,24 @@ def _sagemaker_defaults() -> dict[str, Any]:
     return defaults
 
 
+def check_sagemaker_channels(cfg: Config) -> None:
+    """On SageMaker, evaluating on the test split needs a ``test`` channel when the data come from channels.
+
+    Without one, the default ``--eval_split test`` would have nothing to read; say which hyperparameter fixes it.
+    """
+    d, t = cfg.data, cfg.train
+    if not on_sagemaker() or not t.do_eval or t.eval_split != "test" or d.test_file:
+        return
+    if not (d.train_file or d.validation_file):
+        return  # --dataset_name: its test split
+    channels = [c.lower() for c in ("TRAIN", "VALIDATION", "TEST") if os.environ.get(f"SM_CHANNEL_{c}")]
+    raise ConfigError(
+        f"SageMaker: --eval_split test (the default) needs a 'test' channel and this job has "
+        f"{', '.join(channels) or 'no'} channel(s) only; set the hyperparameter eval_split='validation' to evaluate "
+        "on the validation channel, or pass a 'test' channel to fit()"
+    )
+
+
 def parse_config(argv: Sequence[str] | None, method: str, description: str = "") -> Config:
     """Parse flags (and ``--config`` YAML) into a validated :class:`Config` for ``method``.
 
@@ -548,6 +601,7 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
     cfg = build_config(method, values)
     if cfg.train.output_dir is None or not str(cfg.train.output_dir).strip():
         raise ConfigError("--output_dir is required (where the model, metrics and predictions are written)")
+    check_sagemaker_channels(cfg)
     cfg.command = command_line(argv, f"scripts/train_{method}.py")
     return cfg
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dialogsum.config import Config, GenerationArguments
 from dialogsum.data import EvalExample, build_prompt, encode_texts
 from dialogsum.distributed import is_zero3
-from dialogsum.metrics import compute_rouge
+from dialogsum.metrics import compute_rouge, eval_set_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ def evaluate_examples(
     """Generate once per unique dialogue and score against all its references.
 
     Returns ``(metrics, predictions)``: metrics from :func:`dialogsum.metrics.compute_rouge` plus
-    ``num_eval_examples`` and ``generation``; one prediction record per dialogue.
+    ``num_eval_examples``, ``eval_set_fingerprint`` (:func:`~dialogsum.metrics.eval_set_fingerprint`) and
+    ``generation``; one prediction record per dialogue.
     """
     predictions = generate_summaries(
         accelerator,
@@ -168,6 +169,10 @@ def evaluate_examples(
     )
     metrics = compute_rouge(predictions, [e.references for e in examples])
     metrics["num_eval_examples"] = len(examples)
+    # what the score was computed on: compare.py refuses to set it against a score on other dialogues/references
+    metrics["eval_set_fingerprint"] = eval_set_fingerprint(
+        [e.dialogue for e in examples], [e.references for e in examples]
+    )
     metrics["generation"] = generation_record(gen)
     records = [
         {"id": e.id, "dialogue": e.dialogue, "reference": e.references[0], "references": e.references, "prediction": p}

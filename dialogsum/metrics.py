@@ -31,6 +31,8 @@ use numpy only, so results are reproducible.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -138,6 +140,18 @@ def compute_rouge(predictions: Sequence[str], references: Sequence[Sequence[str]
     result["num_examples"] = len(predictions)
     result["num_references"] = sum(len(refs) for refs in references)
     return result
+
+
+def eval_set_fingerprint(dialogues: Sequence[str], references: Sequence[Sequence[str]]) -> str:
+    """A short hash of what a score was computed on: each dialogue with its set of references.
+
+    Independent of example order, ids and reference order (none of them changes a ROUGE score); any change of a
+    dialogue, a reference or the number of references changes it. Two results are comparable only when their
+    fingerprints are equal.
+    """
+    items = sorted(json.dumps([d.strip(), sorted(r.strip() for r in refs)]) for d, refs in zip(dialogues, references))
+    digest = hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()
+    return f"sha256:{digest[:16]}"
 
 
 def _bootstrap_means(values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:

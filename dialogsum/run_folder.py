@@ -164,7 +164,11 @@ def check_output_dir(cfg: Config, resuming: bool, can_resume: bool = True) -> Pa
     check_can_create(out, "--output_dir")
     if not out.is_dir() or not any(out.iterdir()):
         if t.resume_from_checkpoint == "latest":
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting afresh", out)
+            from dialogsum.checkpointing import checkpoint_root
+
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s yet; starting afresh", checkpoint_root(cfg)
+            )
         return out
     if t.overwrite_output_dir:
         resume = t.resume_from_checkpoint
@@ -179,7 +183,9 @@ def check_output_dir(cfg: Config, resuming: bool, can_resume: bool = True) -> Pa
 
         if find_latest(checkpoint_root(cfg)) is None:
             _check_leftovers_of_this_run(cfg, out)
-            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting afresh", out)
+            logger.warning(
+                "--resume_from_checkpoint latest: no complete checkpoint in %s; starting afresh", checkpoint_root(cfg)
+            )
         return out
     if resuming:
         return out

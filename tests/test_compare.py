@@ -241,6 +241,18 @@ def _changed_dialogue(tmp_path: Path) -> list[str]:
     return [f"original={base}", f"full={other}"]
 
 
+def _fewer_references(tmp_path: Path) -> list[str]:
+    """The same predictions scored against three references per dialogue and against the first one only."""
+    three = write_run(tmp_path / "three", "full")
+    one = write_run(tmp_path / "one", "full")
+    for folder, count in ((three, 3), (one, 1)):
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["references"] = [row["reference"], "they talk", "a short talk between two people"][:count]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"three={three}", f"one={one}"]
+
+
 def _no_metrics(tmp_path: Path) -> list[str]:
     folder = write_run(tmp_path / "a", "original")
     (folder / "metrics.json").unlink()
@@ -287,6 +299,7 @@ BAD_INPUTS = [
     (_empty_references, "'references' must be a non-empty list", 1),
     (_mismatched, "were evaluated on different dialogues (1 only in original, 0 only in full", 1),
     (_changed_dialogue, "different dialogue texts for id 'd2'", 1),
+    (_fewer_references, "the references of id 'd1' differ, 3 in three, 1 in one); their ROUGE is not comparable", 1),
     (_duplicate_names, "--run name 'a' is given twice", 2),
     (_missing_folder, "result folder not found", 1),
     (_no_equals, "--run expects NAME=DIR", 2),
@@ -302,7 +315,7 @@ def test_bad_input_raises_before_writing(tmp_path: Path, make_specs, message: st
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("make_specs", "message", "code"), [BAD_INPUTS[i] for i in (0, 4, 8)])
+@pytest.mark.parametrize(("make_specs", "message", "code"), [BAD_INPUTS[i] for i in (0, 4, 9)])
 def test_script_bad_input_is_one_line(tmp_path: Path, make_specs, message: str, code: int) -> None:
     out = tmp_path / "out"
     result = run_script(*(f"--run={spec}" for spec in make_specs(tmp_path)), "--output_dir", str(out))

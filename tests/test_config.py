@@ -95,9 +95,44 @@ def test_sagemaker_environment_supplies_paths(tmp_path: Path, monkeypatch: pytes
     (train_dir / "train.jsonl").write_text('{"dialogue": "a", "summary": "b"}\n')
     monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
     monkeypatch.setenv("SM_CHANNEL_TRAIN", str(train_dir))
-    cfg = parse_config([], "full")
+    cfg = parse_config(["--do_eval", "false"], "full")  # a train channel only: nothing to evaluate on
     assert cfg.train.output_dir == str(tmp_path / "model")
     assert cfg.data.train_file == str(train_dir / "train.jsonl")
+
+
+def sagemaker_argv(hyperparameters: dict) -> list[str]:
+    """The arguments SageMaker's training toolkit puts after the script: sorted keys, each value as ``str(value)``
+    in one argument (sagemaker_training.mapping.to_cmd_args), so a list arrives as ``['q', 'v']``."""
+    return [item for key in sorted(hyperparameters) for item in (f"--{key}", str(hyperparameters[key]))]
+
+
+def test_sagemaker_list_hyperparameters_and_channels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    channels = {}
+    for channel in ("train", "validation"):
+        channels[channel] = tmp_path / channel
+        channels[channel].mkdir()
+        (channels[channel] / f"{channel}.jsonl").write_text('{"dialogue": "a", "summary": "b"}\n')
+        monkeypatch.setenv(f"SM_CHANNEL_{channel.upper()}", str(channels[channel]))
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    hyper = {"lora_target_modules": ["q", "k", "v"], "wandb_tags": ["sm", "spot"], "eval_split": "validation"}
+    argv = sagemaker_argv(hyper)
+    assert argv[:2] == ["--eval_split", "validation"] and "['q', 'k', 'v']" in argv
+    cfg = parse_config(argv, "lora")
+    assert cfg.lora.lora_target_modules == ["q", "k", "v"] and cfg.track.wandb_tags == ["sm", "spot"]
+    # the JSON spelling, and plain separate items, give the same list
+    for spelling in (['["q","v"]'], ["q", "v"]):
+        lora = parse_config([*argv[:2], "--lora_target_modules", *spelling], "lora").lora
+        assert lora.lora_target_modules == ["q", "v"]
+    with pytest.raises(ConfigError, match=r"--lora_target_modules: cannot read \['q', 'v' as a list; .* --config"):
+        parse_config([*argv[:2], "--lora_target_modules", "['q', 'v'"], "lora")
+    # no test channel: the default --eval_split test says what to set
+    with pytest.raises(ConfigError) as error:
+        parse_config(sagemaker_argv({"lora_target_modules": ["q", "v"]}), "lora")
+    assert str(error.value) == (
+        "SageMaker: --eval_split test (the default) needs a 'test' channel and this job has train, validation "
+        "channel(s) only; set the hyperparameter eval_split='validation' to evaluate on the validation channel, "
+        "or pass a 'test' channel to fit()"
+    )
 
 
 def test_cli_bad_flag_is_one_line_exit_2() -> None:

@@ -100,6 +100,9 @@ def test_official_and_flattened_files_give_the_same_figures(
         assert metrics["trainable_params"] == 0 and metrics["num_processes"] == 1
     for protocol in ("multi_reference", "mean_over_references", "flat"):
         assert flattened[protocol] == pytest.approx(official[protocol], abs=1e-12)
+    # the same dialogues and references, whichever file layout they came from
+    assert official["eval_set_fingerprint"] == flattened["eval_set_fingerprint"]
+    assert official["eval_set_fingerprint"].startswith("sha256:")
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert official[key] == official["multi_reference"][key]
     # The model writes template words: the figures are not trivially zero, and best-match beats the mean.

@@ -12,6 +12,7 @@ from dialogsum.metrics import (
     ROUGE_KEYS,
     bootstrap_ci,
     compute_rouge,
+    eval_set_fingerprint,
     paired_bootstrap,
     rouge_with_intervals,
     score_examples,
@@ -158,3 +159,16 @@ def test_rouge_with_intervals() -> None:
         entry = result[key]
         assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
     assert result["rouge1"]["mean"] == pytest.approx((2 / 3 + 1.0 + 0.0) / 3)
+
+
+def test_eval_set_fingerprint_changes_with_what_is_scored_only() -> None:
+    dialogues, references = ["d one", "d two"], [["r1", "r2", "r3"], ["s1"]]
+    base = eval_set_fingerprint(dialogues, references)
+    assert base.startswith("sha256:") and len(base) == len("sha256:") + 16
+    # order of examples and of references, and surrounding spaces, do not change a score: same fingerprint
+    assert eval_set_fingerprint(dialogues[::-1], references[::-1]) == base
+    assert eval_set_fingerprint([" d one\n", "d two"], [["r3", "r1", "r2"], ["s1 "]]) == base
+    # one reference instead of three, another reference text, another dialogue: another set
+    assert eval_set_fingerprint(dialogues, [["r1"], ["s1"]]) != base
+    assert eval_set_fingerprint(dialogues, [["r1", "r2", "rX"], ["s1"]]) != base
+    assert eval_set_fingerprint(["d one", "d three"], references) != base

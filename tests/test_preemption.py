@@ -9,6 +9,7 @@ shared by all tests here: the weights bit for bit, the log (step, loss, learning
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from dialogsum.devtools import soak
 from dialogsum.devtools.soak import TRAIN_FLAGS, Setup
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.preemption import EXIT_STOPPED, StopRequest, parse_duration
+from dialogsum.run_folder import check_output_dir
 
 FULL_1P, LORA_1P, FULL_2P, LORA_2P = Setup("full", 1), Setup("lora", 1), Setup("full", 2), Setup("lora", 2)
 
@@ -106,6 +108,18 @@ def test_sagemaker_checkpoints_go_to_opt_ml_checkpoints_and_latest_resumes(
     assert cfg.checkpoint_dir == str(tmp_path / "ckpt")
     cfg = parse_config(["--overwrite_output_dir"], "lora").train  # starting afresh: no default 'latest'
     assert cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None
+
+
+def test_latest_without_checkpoint_names_the_folder_it_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    checkpoints = tmp_path / "opt-ml-checkpoints"
+    cfg = parse_config(["--checkpoint_dir", str(checkpoints)], "lora")
+    with caplog.at_level(logging.WARNING, logger="dialogsum.run_folder"):
+        check_output_dir(cfg, resuming=False)
+    assert f"no checkpoint in {checkpoints} yet; starting afresh" in caplog.text
+    assert str(tmp_path / "model") not in caplog.text
 
 
 def test_signals_only_set_the_flag_inside_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
