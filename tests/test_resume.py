@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_script, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, run_script, subprocess_env
 from safetensors.torch import load_file
 
 from dialogsum.checkpointing import STATE_FILE, find_latest
