@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
-from dialogsum.files import write_bytes, write_text
+from dialogsum.files import write_bytes
 from dialogsum.run_folder import check_can_create, check_not_an_input
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,14 @@ def export_merged(adapter_path: str | Path, output_dir: str | Path, base: str) -
     failure or a kill never leaves a half-written model under ``output_dir``. Returns ``output_dir``.
     """
     from dialogsum.model_card import write_model_card
+    from dialogsum.modeling import write_model_folder
 
     folder, out = Path(adapter_path), Path(output_dir)
     model, tokenizer = merge_adapter(folder, base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        write_text(tmp / "generation_config.json", model.generation_config.to_json_string())
+        write_model_folder(model, tokenizer, tmp)
         for name in COPIED_FILES:
             if (folder / name).is_file():
                 write_bytes(tmp / name, (folder / name).read_bytes())

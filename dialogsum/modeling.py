@@ -341,14 +341,32 @@ def save_model_files(accelerator: Any, model: torch.nn.Module, tokenizer: Any, o
         state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(
-            str(out), state_dict=state_dict, safe_serialization=True, save_function=accelerator.save
-        )
-        tokenizer.save_pretrained(str(out))
-        # peft does not write the generation config of an adapter; for a full model this replaces the same file
-        write_text(out / "generation_config.json", unwrapped.generation_config.to_json_string())
+        write_model_folder(unwrapped, tokenizer, out, state_dict=state_dict, save_function=accelerator.save)
     accelerator.wait_for_everyone()
+
+
+def write_model_folder(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    output_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_function: Any = None,
+) -> None:
+    """The one writer of a model or adapter folder (final model, checkpoint, merged export): ``save_pretrained``
+    of the model (``state_dict``, when given, holds its values) and the tokenizer, ``generation_config.json``,
+    then the rewrites that make the folder load the same under every supported transformers and peft
+    (:func:`dialogsum.portability.make_portable`)."""
+    from dialogsum.portability import make_portable
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"save_function": save_function} if save_function is not None else {}
+    model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True, **extra)
+    tokenizer.save_pretrained(str(out))
+    # peft does not write the generation config of an adapter; for a full model this replaces the same file
+    write_text(out / "generation_config.json", model.generation_config.to_json_string())
+    for change in make_portable(out):
+        logger.debug("%s: %s", out, change)
 
 
 #: Weight files of a model folder (single or sharded safetensors, or the older .bin).
