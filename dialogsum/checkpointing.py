@@ -38,7 +38,7 @@ import torch
 
 from dialogsum.config import Config
 from dialogsum.errors import UserError
-from dialogsum.files import write_bytes, write_json, write_text
+from dialogsum.files import json_object_or_none, read_json_object, write_bytes, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +192,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 def _all_files_there(checkpoint: Path) -> bool:
     """Whether the files listed in the checkpoint's state (``files``: name -> bytes) are all there. Checkpoints
     written before the list existed count as complete, and so does an unreadable state file (reported later)."""
-    try:
-        listed = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get(FILES_KEY)
-    except (OSError, ValueError, AttributeError):
-        return True
+    listed = (json_object_or_none(checkpoint / STATE_FILE) or {}).get(FILES_KEY)
     return not isinstance(listed, dict) or all((checkpoint / name).is_file() for name in listed)
 
 
@@ -301,10 +298,7 @@ def check_checkpoint_files(checkpoint: Path) -> None:
 
 def read_state(checkpoint: Path) -> TrainState:
     """Load ``trainer_state.json`` of a checkpoint (keys this version does not know are ignored)."""
-    try:
-        data = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {checkpoint / STATE_FILE}: {exc}") from exc
+    data = read_json_object(checkpoint / STATE_FILE, "checkpoint state")
     known = {f.name for f in fields(TrainState)}
     return TrainState(**{k: v for k, v in data.items() if k in known})
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import json_text, parse_jsonl, read_text, write_files
+from dialogsum.files import json_text, read_json_object, read_jsonl, write_files
 from dialogsum.formatting import RESOURCE_FIGURES, markdown_table, one_line, plain, points, signed
 from dialogsum.metrics import (
     HEADLINE_PROTOCOL,
@@ -89,13 +89,7 @@ def _load_metrics(path: Path) -> dict[str, Any]:
         raise UserError(
             f"no metrics.json in {path.parent} (expected the output folder of a training or evaluate.py run)"
         )
-    try:
-        metrics = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(metrics, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return metrics
+    return read_json_object(path)
 
 
 def _row_references(row: dict[str, Any], where: str) -> list[str]:
@@ -115,7 +109,7 @@ def _load_predictions(path: Path) -> tuple[list[str], list[str], list[list[str]]
     references: list[list[str]] = []
     predictions: list[str] = []
     seen: set[str] = set()
-    for number, row in enumerate(parse_jsonl(read_text(path), str(path)), start=1):
+    for number, row in enumerate(read_jsonl(path), start=1):
         where = f"{path}: line {number}"
         if not isinstance(row.get("prediction"), str) or not isinstance(row.get("dialogue"), str):
             raise UserError(f"{where} needs string fields 'dialogue' and 'prediction'")

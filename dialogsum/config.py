@@ -19,15 +19,15 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from dialogsum.errors import ConfigError
-from dialogsum.files import write_text
+from dialogsum.errors import ConfigError, UserError
+from dialogsum.files import SUPPORTED_EXTENSIONS, read_text, table_format, write_text
 from dialogsum.preemption import EXIT_STOPPED, parse_duration
 
 #: The prompt of the reference lab, kept byte for byte so zero-shot numbers are comparable.
@@ -455,17 +455,25 @@ def _expand_list_literal(action: argparse.Action, values: list[Any]) -> list[Any
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if file.is_dir():
-        raise ConfigError(f"--config {path} is a folder, expected a YAML file")
-    if not file.is_file():
-        raise ConfigError(f"--config file not found: {path}")
+    """A ``--config`` file (or pipe) as a mapping of flag names to values; any problem is one ConfigError."""
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = read_text(path, "--config file")
+    except UserError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"--config {path} is nested too deeply to be a config") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must be a mapping of flag names to values")
+    keys = [k for k in data if not isinstance(k, str)]
+    if keys:
+        raise ConfigError(
+            f"--config {path}: key {keys[0]!r} is not a name; keys are flag names (quote a key that YAML reads as "
+            "a number, a boolean or null)"
+        )
     return data
 
 
@@ -539,9 +547,10 @@ def on_sagemaker() -> bool:
     return bool(os.environ.get("SM_MODEL_DIR") or os.environ.get("SM_TRAINING_ENV"))
 
 
-def _sagemaker_defaults() -> dict[str, Any]:
+def _sagemaker_defaults(given: Collection[str] = ()) -> dict[str, Any]:
     """On SageMaker, its standard environment variables supply output and data paths; checkpoints go to
-    :data:`SAGEMAKER_CHECKPOINT_DIR` and a restarted job continues from the newest one there (``latest``)."""
+    :data:`SAGEMAKER_CHECKPOINT_DIR` and a restarted job continues from the newest one there (``latest``).
+    Channels of the settings in ``given`` (set explicitly) are not looked at."""
     defaults: dict[str, Any] = {}
     if on_sagemaker():
         defaults.update(checkpoint_dir=SAGEMAKER_CHECKPOINT_DIR, resume_from_checkpoint="latest")
@@ -549,10 +558,8 @@ def _sagemaker_defaults() -> dict[str, Any]:
         defaults["output_dir"] = os.environ["SM_MODEL_DIR"]
     for channel, key in (("TRAIN", "train_file"), ("VALIDATION", "validation_file"), ("TEST", "test_file")):
         directory = os.environ.get(f"SM_CHANNEL_{channel}")
-        if directory:
-            files = sorted(p for p in Path(directory).glob("*") if p.suffix in (".jsonl", ".json", ".csv", ".parquet"))
-            if files:
-                defaults[key] = str(files[0])
+        if directory and key not in given:
+            defaults[key] = _channel_file(f"SM_CHANNEL_{channel}", directory)
     return defaults
 
 
@@ -574,6 +581,25 @@ def check_sagemaker_channels(cfg: Config) -> None:
     )
 
 
+def _channel_file(variable: str, directory: str) -> str:
+    """The data file of a SageMaker channel folder: the first one (by name) of a format the project reads.
+
+    A channel without such a file is an error: the run must not fall back silently to another dataset.
+    """
+    try:
+        entries = sorted(p for p in Path(directory).iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise ConfigError(f"{variable}={directory}: cannot list the channel folder ({exc.strerror or exc})") from exc
+    files = [p for p in entries if p.is_file() and table_format(p) is not None]
+    if not files:
+        found = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "") or "nothing"
+        raise ConfigError(
+            f"{variable}={directory} holds no data file this project reads (found: {found}); give the channel "
+            f"a {', '.join(SUPPORTED_EXTENSIONS)} file"
+        )
+    return str(files[0])
+
+
 def parse_config(argv: Sequence[str] | None, method: str, description: str = "") -> Config:
     """Parse flags (and ``--config`` YAML) into a validated :class:`Config` for ``method``.
 
@@ -592,7 +618,7 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
         if file_method is not None and file_method != method:
             raise ConfigError(f"--config {config_path} is for method {file_method!r}, this script trains {method!r}")
     explicit.update(given)
-    values: dict[str, Any] = _sagemaker_defaults()
+    values: dict[str, Any] = _sagemaker_defaults(explicit)
     if explicit.get("overwrite_output_dir") or explicit.get("resume_from_checkpoint") == "":
         values.pop("resume_from_checkpoint", None)  # asked to start afresh: not SageMaker's default 'latest'
     if explicit.get("quickstart"):
@@ -653,6 +679,19 @@ def check_hub_arguments(h: HubArguments) -> None:
         raise ConfigError(f"--hub_model_id must be 'name' or 'namespace/name', got {h.hub_model_id!r}")
     if (h.hub_model_id or h.hub_private_repo) and not h.push_to_hub:
         raise ConfigError("--hub_model_id/--hub_private_repo are settings of --push_to_hub; add --push_to_hub")
+
+
+def plain_int(text: str) -> int | None:
+    """``text`` as a non-negative integer when it is written with ASCII digits only, else None.
+
+    (``str.isdigit`` also accepts characters such as '²' that ``int`` refuses.)
+    """
+    return int(text) if re.fullmatch(r"[0-9]+", text) else None
+
+
+def checkpoint_every(checkpointing_steps: str | None) -> int:
+    """``--checkpointing_steps`` as a number of optimizer steps; 0 when unset or ``epoch``."""
+    return plain_int(str(checkpointing_steps)) or 0 if checkpointing_steps is not None else 0
 
 
 def _positive(name: str, value: float | None, allow_none: bool = True, allow_zero: bool = False) -> None:
@@ -716,7 +755,7 @@ def validate(cfg: Config) -> None:
     if t.lr_scheduler_type not in SCHEDULERS:
         raise ConfigError(f"--lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {t.lr_scheduler_type!r}")
     if t.checkpointing_steps is not None and t.checkpointing_steps != "epoch":
-        if not str(t.checkpointing_steps).isdigit() or int(t.checkpointing_steps) <= 0:
+        if checkpoint_every(t.checkpointing_steps) <= 0:
             raise ConfigError(
                 f"--checkpointing_steps must be a positive integer or 'epoch', got {t.checkpointing_steps!r}"
             )

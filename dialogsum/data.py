@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from dialogsum.config import DataArguments
 from dialogsum.errors import UserError
-from dialogsum.files import SUPPORTED_EXTENSIONS, describe_value, read_rows
+from dialogsum.files import SUPPORTED_EXTENSIONS, check_table_input, describe_value, read_rows
 
 __all__ = ["SUPPORTED_EXTENSIONS", "read_rows"]  # re-exported: file reading lives in dialogsum.files
 
@@ -126,16 +126,7 @@ def check_data_sources(args: DataArguments, needed: Sequence[str]) -> None:
                     f"{', '.join(f'--{s}_file' for s in files)}"
                 )
         for path in files.values():
-            p = Path(path)
-            if p.is_dir():
-                raise UserError(f"data file is a directory, expected a file: {path}")
-            if not p.is_file():
-                raise UserError(f"data file not found: {path}")
-            if p.suffix.lower() not in SUPPORTED_EXTENSIONS:
-                raise UserError(
-                    f"unsupported data file type {p.suffix or '(none)'} for {path}; use one of "
-                    f"{', '.join(SUPPORTED_EXTENSIONS)}"
-                )
+            check_table_input(path)  # a file or a pipe (left unread) whose name, if any, says a table format
         return
     if not args.dataset_name:
         raise UserError("no data: give --dataset_name or --train_file/--validation_file/--test_file")
@@ -151,8 +142,11 @@ def load_splits(args: DataArguments, needed: Sequence[str]) -> dict[str, list[Ro
     files = _local_files(args)
     raw: dict[str, list[Row]] = {}
     if files:
+        read: dict[str, list[Row]] = {}  # one path for two splits is read once (a pipe can be read only once)
         for split in needed:
-            raw[split] = read_rows(files[split])
+            if files[split] not in read:
+                read[files[split]] = read_rows(files[split])
+            raw[split] = read[files[split]]
     else:
         raw = _load_dataset_splits(args, needed)
     out: dict[str, list[Row]] = {}

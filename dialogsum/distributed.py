@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 from accelerate.utils import DynamoBackend, TorchDynamoPlugin
 
+from dialogsum.config import plain_int
 from dialogsum.cpu_runtime import tune_cpu_runtime
 from dialogsum.errors import UserError
 from dialogsum.precision import cpu_mixed_precision_override, enable_tf32
@@ -105,7 +106,7 @@ def _parse_launch_args(argv: list[str]) -> argparse.Namespace | None:
 def _request_from_environment() -> LaunchRequest:
     env_world = os.environ.get("WORLD_SIZE")
     return LaunchRequest(
-        num_processes=int(env_world) if env_world and env_world.isdigit() else None,
+        num_processes=plain_int(env_world) if env_world else None,
         use_cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"),
         # accelerate launch always exports OMP_NUM_THREADS (1 by default); only count it as the user's choice
         # when no accelerate launcher set the environment up.

@@ -9,7 +9,6 @@ a model card, and the run's ``config.yaml`` (evaluate.py and summarize.py read t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
-from dialogsum.files import write_bytes
+from dialogsum.files import json_object_or_none, write_bytes
 from dialogsum.run_folder import check_can_create, check_not_an_input
 
 logger = logging.getLogger(__name__)
@@ -30,11 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 def adapter_base(adapter_path: str | Path) -> str | None:
     """The base model an adapter was trained on (``base_model_name_or_path`` of ``adapter_config.json``)."""
-    try:
-        config = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return (json_object_or_none(Path(adapter_path) / "adapter_config.json") or {}).get("base_model_name_or_path")
 
 
 def check_export(adapter_path: str, output_dir: str, base: str | None, overwrite: bool) -> str:
@@ -118,11 +113,7 @@ def export_merged(adapter_path: str | Path, output_dir: str | Path, base: str) -
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return json_object_or_none(path) or {}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -130,6 +121,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}

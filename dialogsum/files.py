@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
 import os
+import re
+import stat
 import tempfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
 
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+#: Table formats read as rows. Text formats may also come gzip-compressed (``train.jsonl.gz``).
+TABLE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+COMPRESSED_FORMATS = (".jsonl.gz", ".json.gz", ".csv.gz")
+SUPPORTED_EXTENSIONS = (*TABLE_FORMATS, *COMPRESSED_FORMATS)
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+#: Nesting depth json/yaml parse recursively; deeper input is refused as one line (not a RecursionError).
+_MAX_NESTING = 200
+# A JSON escape of a lone UTF-16 surrogate (\ud800): json.loads accepts it, but the string is not text (it
+# cannot be encoded, tokenized or written back)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 Row = dict[str, Any]
 
@@ -28,85 +43,266 @@ def decode_utf8(raw: bytes, source: str) -> str:
         raise UserError(f"{source} is not UTF-8 text (bad byte at line {line}); re-save it as UTF-8") from exc
 
 
-def read_text(path: str | Path) -> str:
-    """A file's UTF-8 text, with one clear error when it cannot be read or decoded."""
+# --------------------------------------------------------------------------------------------- reading
+# The one reader of the project: data files, summarize inputs, configs and every file a run wrote (metrics,
+# predictions, log history, checkpoint state) come through here. A regular file, a pipe (a FIFO, or a shell's
+# <(zcat x.jsonl.gz), which is /dev/fd/N) or gzip-compressed text is read; anything else is refused with the
+# reason; every problem is one UserError.
+
+
+def table_format(path: str | Path) -> str | None:
+    """The table format a file name says (``.jsonl``, ``.json``, ``.csv``, ``.parquet``; ``x.jsonl.gz`` is
+    ``.jsonl``), or None when the name says none of them."""
+    name = Path(path).name.lower()
+    for suffix in (*COMPRESSED_FORMATS, *TABLE_FORMATS):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix.removesuffix(".gz")
+    return None
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def input_kind(path: str | Path, what: str = "data file") -> str:
+    """``'file'`` or ``'stream'`` (a FIFO or pipe: read once, as it comes) for a path that can be read;
+    otherwise a :class:`UserError` with the reason (not found, a folder, a device, a name too long...)."""
     try:
-        raw = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as exc:
+        raise UserError(f"{what} not found: {path}") from exc
+    except (OSError, ValueError) as exc:  # ENAMETOOLONG, ENOTDIR, EACCES, ELOOP; ValueError: a NUL in the name
+        reason = _os_reason(exc) if isinstance(exc, OSError) else "the name holds a NUL character"
+        raise UserError(f"cannot read {what} {path}: {reason}") from exc
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode):
+        return "stream"
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} is a directory, expected a file: {path}")
+    kind = "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a socket"
+    raise UserError(f"{what} {path} is {kind}, not a file or a pipe")
+
+
+def read_input(path: str | Path, what: str = "data file") -> bytes:
+    """The bytes of a regular file or a pipe, gunzipped when compressed (by content, or refused when named
+    ``.gz`` but not gzip); a :class:`UserError` with the reason when it cannot be read."""
+    input_kind(path, what)
+    try:
+        with open(path, "rb") as stream:  # a pipe is read to its end once; nothing seeks
+            raw = stream.read()
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return decode_utf8(raw, str(path))
+        raise UserError(f"cannot read {what} {path}: {_os_reason(exc)}") from exc
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"{what} {path} is not a valid gzip file ({exc or 'cut short'})") from exc
+    if str(path).lower().endswith(".gz") and raw:
+        raise UserError(f"{what} {path} is named .gz but is not gzip-compressed")
+    return raw
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A file's (or pipe's) UTF-8 text, with one clear error when it cannot be read or decoded."""
+    return decode_utf8(read_input(path, what), str(path))
+
+
+def _no_lone_surrogates(value: Any, source: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UserError(
+                f"{source} holds an unpaired UTF-16 surrogate escape (\\u{ord(value[exc.start]):04x}), which is not "
+                "text; remove it or write the character itself"
+            ) from exc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_lone_surrogates(key, source)
+            _no_lone_surrogates(item, source)
+    elif isinstance(value, list):
+        for item in value:
+            _no_lone_surrogates(item, source)
+
+
+def _nesting_ok(text: str, limit: int = _MAX_NESTING) -> bool:
+    """Whether JSON ``text`` nests brackets at most ``limit`` deep (counted outside strings)."""
+    if text.count("[") + text.count("{") <= limit:
+        return True
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif char in "]}":
+            depth -= 1
+    return True
+
+
+def parse_json(text: str, source: str, one_line: bool = False) -> Any:
+    """JSON text parsed; invalid, too deeply nested or otherwise unreadable JSON is one :class:`UserError`
+    (``one_line``: the text is one line of a file, named in ``source``)."""
+    if not _nesting_ok(text):
+        raise UserError(f"{source} is not usable JSON: nested more than {_MAX_NESTING} levels deep")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = "" if one_line else f" at line {exc.lineno}"
+        raise UserError(f"{source} is not valid JSON ({exc.msg}{where})") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{source} is not usable JSON ({str(exc).splitlines()[0][:200]})") from exc
+    if _SURROGATE_ESCAPE.search(text):
+        _no_lone_surrogates(data, source)
+    return data
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """A JSON file (or pipe) parsed, one :class:`UserError` for any problem."""
+    return parse_json(read_text(path, what), str(path))
+
+
+def read_json_object(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A JSON file that must hold an object (a config, a trainer state, metrics.json): anything else, a list
+    or a number, is one :class:`UserError` naming what it holds."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object, but holds {describe_value(data)}")
+    return data
+
+
+def json_object_or_none(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object file read best-effort (a hint, not an input): None when it is missing, unreadable or not
+    an object."""
+    try:
+        return read_json_object(path)
+    except UserError:
+        return None
 
 
 def parse_jsonl(text: str, source: str) -> list[Row]:
-    """JSON lines into a list of objects (blank lines skipped); a bad line is an error naming it."""
+    """JSON lines into a list of objects (blank lines skipped); a bad line is an error naming it.
+
+    Lines end at ``\n`` only (``\r\n`` too): JSON strings may hold U+2028, U+0085 and the other characters that
+    ``str.splitlines`` also breaks at.
+    """
     rows: list[Row] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(" \t\r"):
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}: line {number} is not valid JSON ({exc.msg})") from exc
+        row = parse_json(line, f"{source}: line {number}", one_line=True)
         if not isinstance(row, dict):
             raise UserError(f"{source}: line {number} is not a JSON object")
         rows.append(row)
     return rows
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Read a local .jsonl/.json/.csv/.parquet file into a list of dicts, with one clear error per problem."""
-    file = Path(path)
-    if not file.exists():
-        raise UserError(f"data file not found: {file}")
-    if file.is_dir():
-        raise UserError(f"data file is a directory, expected a file: {file}")
-    suffix = file.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
+def read_jsonl(path: str | Path, what: str = "file") -> list[Row]:
+    """A JSON-lines file (or pipe) as a list of objects; one :class:`UserError` for any problem."""
+    return parse_jsonl(read_text(path, what), str(path))
+
+
+def _sniff_format(raw: bytes) -> str | None:
+    """The table format of bytes without a file name (a pipe): parquet by its magic, JSON by its first
+    character, CSV when the first line holds a comma."""
+    if raw[:4] == _PARQUET_MAGIC:
+        return ".parquet"
+    head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if head == b"{":
+        return ".jsonl"
+    if head == b"[":
+        return ".json"
+    if b"," in raw.split(b"\n", 1)[0]:
+        return ".csv"
+    return None
+
+
+def check_table_input(path: str | Path, what: str = "data file") -> None:
+    """Cheap early check (nothing read, so a pipe stays unread): the path can be read, and a regular file's
+    name says a table format."""
+    if input_kind(path, what) == "file" and table_format(path) is None:
+        suffix = "".join(Path(path).suffixes[-2:]) or "(none)"
+        raise UserError(f"unsupported {what} type {suffix} for {path}; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+
+
+def read_rows(path: str | Path, what: str = "data file") -> list[Row]:
+    """Read a table (.jsonl/.json/.csv/.parquet, the text ones also .gz; a file or a pipe) into a list of dicts,
+    with one clear :class:`UserError` per problem."""
+    check_table_input(path, what)
+    raw = read_input(path, what)
+    if not raw.strip():
+        raise UserError(f"{what} is empty: {path}")
+    fmt = table_format(path) or _sniff_format(raw)
+    if fmt is None:
         raise UserError(
-            f"unsupported data file type {suffix or '(none)'} for {file}; use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+            f"cannot tell the format of {what} {path} (a pipe has no file extension and this is not JSON, JSON "
+            "lines, CSV or parquet)"
         )
-    if file.stat().st_size == 0:
-        raise UserError(f"data file is empty: {file}")
-    if suffix == ".parquet":
+    return parse_rows(raw, fmt, str(path))
+
+
+def parse_rows(raw: bytes, fmt: str, source: str) -> list[Row]:
+    """Rows of a table's bytes in format ``fmt`` (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``)."""
+    if fmt == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(file).to_pylist()
+            return pq.read_table(pa.BufferReader(raw)).to_pylist()
         except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-            raise UserError(f"cannot read parquet file {file}: {str(exc).splitlines()[0]}") from exc
-    text = decode_utf8(file.read_bytes(), str(file))
-    if suffix == ".csv":
-        return _read_csv(text, file)
-    if suffix == ".json":
+            reason = (str(exc) or type(exc).__name__).splitlines()[0]
+            raise UserError(f"cannot read parquet file {source}: {reason}") from exc
+    text = decode_utf8(raw, source)
+    if fmt == ".csv":
+        return _read_csv(text, source)
+    if fmt == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
+            data = parse_json(text, source)
+        except UserError:
             data = None  # a .json file may also be JSON lines
         if data is not None:
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise UserError(f"{file}: expected a JSON list of objects (or JSON lines)")
+                raise UserError(f"{source}: expected a JSON list of objects (or JSON lines)")
             return data
-    return parse_jsonl(text, str(file))
+    return parse_jsonl(text, source)
 
 
-def _read_csv(text: str, file: Path) -> list[Row]:
+def _read_csv(text: str, source: str) -> list[Row]:
     """CSV rows as dicts; a row with more or fewer fields than the header is an error naming its line."""
     reader = csv.reader(io.StringIO(text, newline=""))  # newline="": keeps newlines inside quoted fields
-    header = next(reader, [])
     rows: list[Row] = []
-    for record in reader:
-        if not record:
-            continue  # a blank line
-        if len(record) != len(header):
-            hint = ""
-            if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
-                hint = " (it looks separated by something other than commas: save it as comma-separated or .jsonl)"
-            raise UserError(
-                f"{file}: line {reader.line_num} has {len(record)} field(s) but the header has {len(header)}{hint}"
-            )
-        rows.append(dict(zip(header, record)))
+    try:
+        header = next(reader, [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise UserError(f"{source}: the header names column(s) {', '.join(map(repr, repeated))} more than once")
+        for record in reader:
+            if not record:
+                continue  # a blank line
+            if len(record) != len(header):
+                hint = ""
+                if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
+                    hint = " (it looks separated by something other than commas: save it as comma-separated or .jsonl)"
+                raise UserError(
+                    f"{source}: line {reader.line_num} has {len(record)} field(s) but the header has "
+                    f"{len(header)}{hint}"
+                )
+            rows.append(dict(zip(header, record)))
+    except csv.Error as exc:  # a field over csv.field_size_limit(), a quote left open at the end...
+        raise UserError(f"{source}: line {reader.line_num} is not valid CSV ({exc}); save it as .jsonl") from exc
     return rows
 
 

@@ -15,7 +15,6 @@ LoRA adapter on top, loaded for inference only (0 trainable parameters).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -38,7 +37,20 @@ from dialogsum.config import (
     given_flags,
 )
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import decode_utf8, describe_value, jsonl_text, read_rows, write_json, write_jsonl, write_text
+from dialogsum.files import (
+    decode_utf8,
+    describe_value,
+    input_kind,
+    json_object_or_none,
+    jsonl_text,
+    read_input,
+    read_json_object,
+    read_rows,
+    table_format,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 from dialogsum.run_folder import check_can_create, check_not_an_input, input_paths
 
 if TYPE_CHECKING:
@@ -86,20 +98,13 @@ SUMMARIZE_FLAGS: dict[type, tuple[str, ...] | None] = {
     TrainingArguments: ("per_device_eval_batch_size",),
     GenerationArguments: None,
 }
-TABULAR_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 # --------------------------------------------------------------------------------------------- flags
 
 
 def _adapter_base(adapter_path: str) -> str | None:
-    config_file = Path(adapter_path) / "adapter_config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+    return (json_object_or_none(Path(adapter_path) / "adapter_config.json") or {}).get("base_model_name_or_path")
 
 
 #: Settings that must match training for the model to see the inputs it learned from.
@@ -194,12 +199,8 @@ def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> S
 
 
 def _architecture(model_dir: Path) -> dict[str, Any] | None:
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    config = json_object_or_none(model_dir / "config.json")
+    if config is None:
         return None
     return {k: config.get(k) for k in _ARCHITECTURE_KEYS if k in config}
 
@@ -235,10 +236,7 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
     if not config_file.is_file():
         hint = " (it holds a full model: pass it as --model_name_or_path)" if (folder / "config.json").exists() else ""
         raise UserError(f"{adapter_path} is not a LoRA adapter folder (no adapter_config.json){hint}")
-    try:
-        adapter = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file} is not valid JSON") from exc
+    adapter = read_json_object(config_file, "adapter config")
     if adapter.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_path} holds a {adapter.get('peft_type')} adapter; only LoRA is supported")
     check_weight_files(folder)
@@ -401,8 +399,8 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
 def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[str, str]]:
     """``(id, dialogue)`` pairs to summarize, from stdin, a text file, or a table of dialogues.
 
-    A .jsonl/.json/.csv/.parquet file gives one dialogue per row (``data.text_column``; ids from
-    ``data.id_column`` or the row number); any other file, or stdin, is one dialogue.
+    A .jsonl/.json/.csv/.parquet file (the text ones also .gz) gives one dialogue per row (``data.text_column``;
+    ids from ``data.id_column`` or the row number); any other file or pipe, or stdin, is one dialogue.
     """
     if input_file in (None, "-"):
         text = decode_utf8(sys.stdin.buffer.read(), "standard input")
@@ -410,14 +408,10 @@ def read_dialogues(input_file: str | None, data: DataArguments) -> list[tuple[st
             raise UserError("no dialogue on standard input (pipe one in, or pass --input_file)")
         return [("stdin", text.strip())]
     path = Path(input_file)
-    if not path.exists():
-        raise UserError(f"--input_file not found: {input_file}")
-    if path.is_dir():
-        raise UserError(f"--input_file is a directory, expected a file: {input_file}")
-    if not os.access(path, os.R_OK):
+    if input_kind(path, "--input_file") == "file" and not os.access(path, os.R_OK):
         raise UserError(f"--input_file is not readable (permission denied): {input_file}")
-    if path.suffix.lower() not in TABULAR_SUFFIXES:
-        text = decode_utf8(path.read_bytes(), str(path))
+    if table_format(path) is None:
+        text = decode_utf8(read_input(path, "--input_file"), str(path))
         if not text.strip():
             raise UserError(f"--input_file {input_file} is empty: no dialogue to summarize")
         return [(path.stem, text.strip())]

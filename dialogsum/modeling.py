@@ -3,7 +3,6 @@ checkpointing, parameter report, save and reload."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import torch
 from dialogsum.config import GenerationArguments, LoraArguments, ModelArguments
 from dialogsum.errors import UserError
 from dialogsum.fast_layers import use_fast_layers
-from dialogsum.files import write_text
+from dialogsum.files import json_object_or_none, read_json_object, write_text
 from dialogsum.hub import ensure_hub_reachable
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def check_model_source(name_or_path: str) -> None:
     """Early, cheap check that a model can be loaded: a local seq2seq model dir or a reachable hub id."""
     _check_source(name_or_path, "model")
     if Path(name_or_path).is_dir():
-        config = json.loads((Path(name_or_path) / "config.json").read_text())
+        config = read_json_object(Path(name_or_path) / "config.json", "model config")
         if not config.get("is_encoder_decoder", False):
             arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
             raise UserError(f"{name_or_path} is not a seq2seq (encoder-decoder) model ({arch}); use a T5/FLAN-T5 model")
@@ -91,7 +90,7 @@ def checkpoint_has_own_lm_head(name_or_path: str) -> bool | None:
         folder = Path(resolved).parent
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return "lm_head.weight" in json.loads(index.read_text()).get("weight_map", {})
+        return "lm_head.weight" in ((json_object_or_none(index) or {}).get("weight_map") or {})
     single = folder / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open
@@ -408,7 +407,7 @@ def load_adapter(model: torch.nn.Module, adapter_path: str) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = (json_object_or_none(folder / "adapter_config.json") or {}).get("base_model_name_or_path")
         raise UserError(
             f"adapter {adapter_path} does not fit this model (trained on {base}): {str(exc).splitlines()[0][:200]}"
         ) from exc

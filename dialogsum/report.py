@@ -57,7 +57,7 @@ def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
         return {}
     try:
         data = parse(read_text(path))
-    except (UserError, ValueError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
+    except (UserError, ValueError, RecursionError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
         logger.warning("ignoring unreadable %s: %s", path, exc)
         return {}
     return data if isinstance(data, dict) else {}

@@ -38,7 +38,7 @@ import torch
 from dialogsum.checkpointing import checkpoint_root
 from dialogsum.config import REPORT_TO_CHOICES, Config
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import write_json
+from dialogsum.files import json_object_or_none, write_json
 from dialogsum.formatting import is_number, markdown_table
 from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, score_examples
 from dialogsum.modeling import checkpoint_size_mb
@@ -355,10 +355,7 @@ def _wandb_error_types() -> tuple[type[BaseException], ...]:
 
 def _wandb_run_file(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / WANDB_RUN_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}  # unreadable: a new W&B run rather than no training
+    return json_object_or_none(path) or {}  # missing or unreadable: a new W&B run rather than no training
 
 
 def wandb_run_id(folder: str | Path) -> str:

@@ -44,10 +44,10 @@ from dialogsum.checkpointing import (
     remove_leftovers,
     save_checkpoint,
 )
-from dialogsum.config import Config
+from dialogsum.config import Config, checkpoint_every
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.errors import UserError
-from dialogsum.files import jsonl_text, write_jsonl, write_text
+from dialogsum.files import json_object_or_none, jsonl_text, read_jsonl, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration
 from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, resend_lost_events, tracked_values
 
@@ -68,10 +68,7 @@ def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None
         return
     config = Path(model_name_or_path) / "config.json"
     if config.is_file():
-        try:
-            model_type = str(json.loads(config.read_text()).get("model_type", "t5"))
-        except (OSError, json.JSONDecodeError):
-            model_type = "t5"
+        model_type = str((json_object_or_none(config) or {}).get("model_type", "t5"))
     else:
         model_type = model_name_or_path
     if "t5" in model_type.lower():
@@ -206,7 +203,7 @@ def train_loop(
     log = LogWindow(accelerator, state, resume_from, checkpoint_root(cfg))
     history = History(accelerator, t.output_dir, keep_from_step=state.step, checkpoint=resume_from)
     resend_lost_events(accelerator, checkpoint_root(cfg), history.events)  # what a killed attempt's W&B lost
-    every = int(t.checkpointing_steps) if str(t.checkpointing_steps).isdigit() else 0
+    every = checkpoint_every(t.checkpointing_steps)
     max_time = parse_duration(t.max_time) if t.max_time else None
     stop = StopRequest(max_time, estimated_save_s(params), t.eval_steps if evaluate else 0, every)
     saver = Checkpointer(accelerator, cfg, state, log, params, model, history, stop, resumed=resume_from is not None)
@@ -623,7 +620,7 @@ class History:
         if source is not None and not source.exists() and checkpoint is not None:
             source = checkpoint / HISTORY_FILE
         if source is not None and source.exists() and keep_from_step:
-            kept = [json.loads(x) for x in source.read_text().splitlines() if x.strip()]
+            kept = read_jsonl(source, "log history")
             self.events = [e for e in kept if e.get("step", 0) <= keep_from_step]
             write_jsonl(self.path, self.events)
         elif self.path is not None:
