@@ -529,11 +529,12 @@ def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.option_strings[0] == f"--{a.dest}"}
     unknown = sorted(k for k in data if k not in actions and k != "method")
     if unknown:
+        names = ", ".join(k if k.isprintable() else repr(k) for k in unknown)  # a key with a newline stays one line
         known_elsewhere = [k for k in unknown if k in field_names()]
         if known_elsewhere and len(known_elsewhere) == len(unknown):
-            raise ConfigError(f"--config {path}: key(s) {', '.join(unknown)} are not settings of this script")
+            raise ConfigError(f"--config {path}: key(s) {names} are not settings of this script")
         hint = renamed_flag_hint(unknown)  # an HF example flag this project renamed
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))}{hint}")
+        raise ConfigError(f"--config {path}: unknown key(s) {names}{hint}")
     return {k: (v if k == "method" else _file_value(actions[k], k, v, f"--config {path}")) for k, v in data.items()}
 
 
