@@ -117,9 +117,7 @@ def test_config_from_a_pipe(tmp_path: Path) -> None:
         os.close(read_end)
 
 
-def test_sagemaker_channel_without_a_readable_file_is_an_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sagemaker_channel_without_a_readable_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     channel = tmp_path / "train"
     channel.mkdir()
     (channel / "train.tsv").write_text("dialogue\tsummary\n")
