@@ -11,6 +11,7 @@ stopped early with a checkpoint (a stop signal, ``--max_time``) prints one ``sto
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from dialogsum.errors import UserError
+from dialogsum.formatting import shorten
 from dialogsum.preemption import TrainingStopped
 
 
@@ -77,6 +79,12 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         main(argv)
     except UserError as exc:
         _leave(f"error: {exc}", exc.exit_code, settle_s=1.0)  # the processes may fail a little apart
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # a path no filesystem can hold, met wherever a script first touches it
+        name = shorten(os.fsdecode(exc.filename)) if exc.filename is not None else "a path"
+        _leave(f"error: {name}: a name in this path is longer than the filesystem allows", 1, settle_s=1.0)
     except TrainingStopped as exc:
         _leave(f"stopped: {exc}", exc.exit_code, settle_s=0.2)  # they left the loop together (a barrier)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dialogsum.config import MAX_SEED
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.files import json_text, read_json_object, read_jsonl, write_files
 from dialogsum.formatting import RESOURCE_FIGURES, markdown_table, one_line, plain, points, signed
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # metrics.json disagreeing with the recomputed headline by more than this (0..1 scale) is worth a warning.
 _METRICS_TOLERANCE = 5e-4
+#: The most bootstrap resamples --n_resamples takes: time grows with it, the intervals barely move past 10,000.
+MAX_RESAMPLES = 100_000
 
 
 @dataclass
@@ -485,8 +488,10 @@ def compare_runs(
     specs = parse_run_specs(run_specs)
     if num_samples < 0:
         raise ConfigError(f"--num_samples must be >= 0, got {num_samples}")
-    if n_resamples < 1:
-        raise ConfigError(f"--n_resamples must be >= 1, got {n_resamples}")
+    if not 1 <= n_resamples <= MAX_RESAMPLES:
+        raise ConfigError(f"--n_resamples must be in [1, {MAX_RESAMPLES}] (1000 to 10000 is usual), got {n_resamples}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
     runs = [load_run(name, directory) for name, directory in specs]
     comparison = build_comparison(runs, num_samples=num_samples, seed=seed, n_resamples=n_resamples)
     write_comparison(comparison, output_dir)

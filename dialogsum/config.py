@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 import yaml
 
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import SUPPORTED_EXTENSIONS, read_text, table_format, write_text
+from dialogsum.files import SUPPORTED_EXTENSIONS, name_length_problem, read_text, table_format, write_text
+from dialogsum.formatting import shorten
 from dialogsum.preemption import EXIT_STOPPED, parse_duration
 
 #: The prompt of the reference lab, kept byte for byte so zero-shot numbers are comparable.
@@ -267,6 +268,21 @@ class HubArguments:
         "Hub token with write access (default: $HF_TOKEN, else the `hf auth login` token). Never saved.",
         default=None,
     )
+
+
+#: Settings that name files or folders (their names must fit the filesystem).
+PATH_FIELDS = (
+    "model_name_or_path",
+    "tokenizer_name",
+    "adapter_path",
+    "dataset_name",
+    "train_file",
+    "validation_file",
+    "test_file",
+    "output_dir",
+    "checkpoint_dir",
+    "resume_from_checkpoint",
+)
 
 
 #: Settings never written to config.yaml, a tracker or metrics.json.
@@ -712,6 +728,11 @@ def validate(cfg: Config) -> None:
         for key, value in dataclasses.asdict(getattr(cfg, name)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{key} must be a finite number, got {value}")
+    for key in PATH_FIELDS:
+        value = getattr(getattr(cfg, field_names()[key]), key)
+        problem = name_length_problem(value) if isinstance(value, str) else None
+        if problem:
+            raise ConfigError(f"--{key} {shorten(value)}: {problem}")
     if not cfg.model.model_name_or_path and not t.quickstart:
         raise ConfigError("--model_name_or_path must not be empty")
     if "{dialogue}" not in d.prompt_template:

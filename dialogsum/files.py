@@ -64,6 +64,21 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+#: The longest file name and path most filesystems allow (Linux NAME_MAX and PATH_MAX, in bytes).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def name_length_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot exist on a usual filesystem (a name over 255 bytes, a path over 4096), or None."""
+    text = os.fsencode(str(path))
+    longest = max((len(part) for part in text.split(b"/")), default=0)
+    if longest > NAME_MAX:
+        return f"a name in it is {longest} bytes long, more than the {NAME_MAX} a filesystem allows"
+    if len(text) >= PATH_MAX:
+        return f"it is {len(text)} bytes long, more than the {PATH_MAX - 1} a filesystem allows"
+    return None
+
+
 def input_kind(path: str | Path, what: str = "data file") -> str:
     """``'file'`` or ``'stream'`` (a FIFO or pipe: read once, as it comes) for a path that can be read;
     otherwise a :class:`UserError` with the reason (not found, a folder, a device, a name too long...)."""

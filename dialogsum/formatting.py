@@ -86,6 +86,12 @@ def one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+def shorten(text: Any, limit: int = 60) -> str:
+    """``text`` for a message: cut in the middle past ``limit`` characters (a 300-character name stays readable)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
 def cell(text: Any, limit: int = 400) -> str:
     """``text`` fit for one Markdown table cell: one line, ``|`` escaped, cut to ``limit`` characters."""
     flat = re.sub(r"\s+", " ", str(text)).replace("|", "\\|").strip()

@@ -54,6 +54,15 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def stage_flags(flag: str, text: str) -> list[str]:
+    """The flags of one ``--full_args``/``--lora_args`` string, split as a shell would (one error line if its
+    quotes do not close)."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ConfigError(f"{flag} {text!r} cannot be split into flags: {str(exc).lower()}") from exc
+
+
 def flag_groups(args: Sequence[str]) -> list[list[str]]:
     """``["--a", "1", "--b", "x", "y", "--c"]`` -> ``[["--a", "1"], ["--b", "x", "y"], ["--c"]]``."""
     groups: list[list[str]] = []
@@ -148,7 +157,7 @@ def _run(stage: str, command: list[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Check every stage's flags, then run the four stages in order; returns the comparison folder."""
     args, passed = _parse(argv)
-    full, lora = shlex.split(args.full_args), shlex.split(args.lora_args)
+    full, lora = stage_flags("--full_args", args.full_args), stage_flags("--lora_args", args.lora_args)
     out = _check(args, passed, full, lora)
     config = args.accelerate_config or _default_config()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
