@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
+from dialogsum.formatting import shorten
 
 #: Table formats read as rows. Text formats may also come gzip-compressed (``train.jsonl.gz``).
 TABLE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -88,7 +89,7 @@ def input_kind(path: str | Path, what: str = "data file") -> str:
         raise UserError(f"{what} not found: {path}") from exc
     except (OSError, ValueError) as exc:  # ENAMETOOLONG, ENOTDIR, EACCES, ELOOP; ValueError: a NUL in the name
         reason = _os_reason(exc) if isinstance(exc, OSError) else "the name holds a NUL character"
-        raise UserError(f"cannot read {what} {path}: {reason}") from exc
+        raise UserError(f"cannot read {what} {shorten(path)}: {reason}") from exc
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISFIFO(mode):

@@ -77,6 +77,10 @@ WANDB_NO_LOGIN_MESSAGE = (
 # --------------------------------------------------------------------------------------------- trackers
 
 
+#: Seconds to wait for the W&B server to answer before a run is refused (or goes on without W&B).
+WANDB_PROBE_TIMEOUT_S = 10.0
+
+
 @dataclass(frozen=True)
 class WandbAccess:
     """What this process knows about W&B before any run starts (nothing here touches the network)."""
@@ -87,6 +91,8 @@ class WandbAccess:
     mode: str
     #: An API key (or identity token) is configured: environment, netrc entry for the server, or settings.
     has_credentials: bool
+    #: The server W&B talks to (``WANDB_BASE_URL``, else its default).
+    base_url: str | None = None
 
     @property
     def disabled(self) -> bool:
@@ -151,7 +157,24 @@ def wandb_access() -> WandbAccess:
         or settings_key
         or _netrc_has_wandb_key(base_url)
     )
-    return WandbAccess(installed=True, mode=mode, has_credentials=has_credentials)
+    return WandbAccess(installed=True, mode=mode, has_credentials=has_credentials, base_url=base_url)
+
+
+def wandb_server_problem(base_url: str | None, timeout: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the W&B server cannot be reached (no network, refused, a bad URL), or None when it answers at all
+    (any HTTP status counts); waits at most ``timeout`` seconds. Proxies from the environment are used."""
+    import urllib.error
+    import urllib.request
+
+    url = base_url or f"https://{_WANDB_DEFAULT_HOSTS[0]}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 - W&B's own server URL
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return str(reason).splitlines()[0][:200] or type(exc).__name__
 
 
 def _is_launch_main_process() -> bool:
@@ -212,6 +235,15 @@ def resolve_trackers(report_to: str) -> list[str]:
             if explicit:
                 raise UserError(f"--report_to wandb: {WANDB_NO_LOGIN_MESSAGE}")
             logger.warning("%s Training continues without W&B.", WANDB_NO_LOGIN_MESSAGE)
+        elif not access.offline and (problem := wandb_server_problem(access.base_url)):
+            message = (
+                f"the W&B server {access.base_url or _WANDB_DEFAULT_HOSTS[0]} cannot be reached ({problem}); check "
+                "the network or WANDB_BASE_URL, or `export WANDB_MODE=offline` to keep the run on disk (upload it "
+                "later with `wandb sync`)"
+            )
+            if explicit:
+                raise UserError(f"--report_to wandb: {message}")
+            logger.warning("W&B: %s. Training continues without W&B.", message)
         else:
             trackers.append(name)
     return trackers
@@ -453,12 +485,13 @@ def start_tracking(
     try:
         accelerator.init_trackers(project, config=None, init_kwargs={"wandb": wandb_kwargs, **others})
     except _wandb_error_types() as exc:
+        # wandb is first in log_with, so no other tracker was started: drop the half-started one (ending it at
+        # teardown would fail and hide this error) and start the others.
+        accelerator.log_with = [t for t in accelerator.log_with if str(t) != "wandb"]
+        accelerator.trackers = []
         if cfg.track.report_to == "wandb":
             raise UserError(f"--report_to wandb: W&B could not start a run: {exc}") from exc
         logger.warning("W&B could not start a run (%s); training continues without W&B.", exc)
-        # wandb is first in log_with, so no other tracker was started: drop it and start the others.
-        accelerator.log_with = [t for t in accelerator.log_with if str(t) != "wandb"]
-        accelerator.trackers = []
         accelerator.init_trackers(project, config=None, init_kwargs=others)
     for tracker in accelerator.trackers:
         if tracker.name != "wandb":

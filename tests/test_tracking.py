@@ -117,6 +117,7 @@ def test_credentials_and_offline_settings_are_found(
     access = tracking.wandb_access()
     assert access.usable
     assert access.offline == (source in ("settings_offline", "dryrun"))
+    monkeypatch.setattr(tracking, "wandb_server_problem", lambda url: None)  # as if the server answered
     assert tracking.resolve_trackers("wandb") == ["wandb"]
 
 
@@ -300,8 +301,7 @@ def test_wandb_init_failure_falls_back_to_tensorboard(
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
     out = tmp_path / "run"
     cfg = _config(out)
-    log_with = tracking.resolve_trackers("all")
-    assert log_with == ["wandb", "tensorboard"]
+    log_with = ["wandb", "tensorboard"]  # as resolve_trackers gives them when the server answered at first
     accelerator = Accelerator(cpu=True, log_with=log_with, project_dir=str(out / "tensorboard"))
     tracking.start_tracking(accelerator, cfg)
     assert [t.name for t in accelerator.trackers] == ["tensorboard"]
@@ -309,6 +309,40 @@ def test_wandb_init_failure_falls_back_to_tensorboard(
     accelerator.log({"train/loss": 0.5}, step=1)
     accelerator.end_training()
     assert _tensorboard_scalars(out)["train/loss"] == [(1, 0.5)]
+
+
+def test_wandb_init_failure_asked_for_is_the_error_teardown_does_not_hide(
+    wandb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
+    accelerator = Accelerator(cpu=True, log_with=["wandb"])
+    with pytest.raises(UserError, match="--report_to wandb: W&B could not start a run"):
+        tracking.start_tracking(accelerator, _config(tmp_path / "run", report_to="wandb"))
+    assert accelerator.trackers == []
+    accelerator.end_training()  # the half-started W&B run was dropped: ending the job raises nothing
+
+
+def test_unreachable_wandb_server_is_found_before_the_run(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Online W&B without a network: refused (--report_to wandb) or left out (all) before anything starts."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(UserError) as caught:
+        tracking.resolve_trackers("wandb")
+    assert str(caught.value).startswith(
+        f"--report_to wandb: the W&B server http://127.0.0.1:{port} cannot be reached ("
+    )
+    assert "`export WANDB_MODE=offline` to keep the run on disk" in str(caught.value)
+    assert tracking.resolve_trackers("all") == ["tensorboard"]
+    assert any("cannot be reached" in m and "continues without W&B" in m for m in _warnings(caplog))
 
 
 def test_tensorboard_hparams_get_scalars_and_strings_only() -> None:
