@@ -78,7 +78,11 @@ def recording_trainer(directory: Path) -> Path:
 
 
 def launch_recording(
-    config: str, method: str, args: list[str], workdir: Path, launch_args: list[str] | None = None,
+    config: str,
+    method: str,
+    args: list[str],
+    workdir: Path,
+    launch_args: list[str] | None = None,
     timeout: int = HANG_TIMEOUT_S,
 ) -> tuple[subprocess.CompletedProcess, list[dict[str, torch.Tensor]]]:
     """Train with the real training script in ``accelerate launch``; return the process and each rank's parameters."""
