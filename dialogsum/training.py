@@ -48,7 +48,7 @@ from dialogsum.config import Config, checkpoint_every
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, jsonl_text, read_jsonl, write_jsonl, write_text
-from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration
+from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
 from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, resend_lost_events, tracked_values
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,7 @@ def train_loop(
         total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process
     )
     stopped_early = False
+    first_step = state.step  # where this attempt starts: a stop on time before any step of it is no progress
     model.train()
     stop.install()  # SIGTERM/SIGINT/SIGUSR1 now only ask for a stop at the next step boundary
     try:
@@ -221,7 +222,7 @@ def train_loop(
             # one all-reduce: the window's target tokens, and the processes' votes to stop (signal, time)
             targets, weights, window_targets, votes = token_weights(accelerator, window, stop.votes(state.step + 1))
             if any(votes):
-                _stop_with_checkpoint(accelerator, batches, saver, stop, votes)
+                _stop_with_checkpoint(accelerator, batches, saver, stop, votes, first_step)
             for i, batch in enumerate(window):
                 last = i == len(window) - 1
                 accelerator.sync_gradients = last  # DDP syncs, DeepSpeed and the optimizer step after the last only
@@ -258,7 +259,7 @@ def train_loop(
             history.write(log.close(state.step, batches.epoch_progress(), scheduler.get_last_lr()[0]), "train")
         signalled = _sum_over_processes(accelerator, torch.tensor(int(stop.signalled), device=accelerator.device))
         if signalled:  # a stop signal came during the last step: it ends the same way
-            _stop_with_checkpoint(accelerator, batches, saver, stop, (int(signalled), 0), unwind=False)
+            _stop_with_checkpoint(accelerator, batches, saver, stop, (int(signalled), 0), first_step, unwind=False)
     finally:
         progress.close()  # the bar's line ends before any error message
         stop.release()  # signals end the process again (evaluation, saving the model): nothing to checkpoint
@@ -279,6 +280,7 @@ def _stop_with_checkpoint(
     saver: Checkpointer,
     stop: StopRequest,
     votes: tuple[int, int],
+    first_step: int,
     unwind: bool = True,
 ) -> None:
     """The processes agreed to stop: save the steps done, close the trackers, raise.
@@ -286,7 +288,16 @@ def _stop_with_checkpoint(
     Before a window's step, the window goes back first (``unwind``: :meth:`TrainBatches.unwind`), so the
     checkpoint is the state after the previous optimizer step, as a scheduled save there would have written it.
     A signal that came during the last step also ends here (a restart then only saves and evaluates).
+
+    ``--max_time`` used up before this attempt's first optimizer step (``first_step``) is an error, not a stop:
+    a restart with the same budget would stop at the same place again, forever.
     """
+    if not votes[0] and batches.state.step == first_step:
+        raise UserError(
+            f"--max_time {stop.max_time_s:g} s leaves no time for one optimizer step: "
+            f"{time.time() - process_started_at():.0f} s went to loading, and a step, a checkpoint and the exit "
+            f"need more; no progress is possible, so this is not a stop to continue: give a longer --max_time"
+        )
     stop.stopping()
     reason = stop.reason(*votes, accelerator.num_processes)
     rng = batches.unwind() if unwind else None
