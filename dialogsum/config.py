@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ from dialogsum.errors import ConfigError, UserError
 from dialogsum.files import SUPPORTED_EXTENSIONS, name_length_problem, read_text, table_format, write_text
 from dialogsum.formatting import shorten
 from dialogsum.preemption import EXIT_STOPPED, parse_duration
+
+logger = logging.getLogger(__name__)
 
 #: The prompt of the reference lab, kept byte for byte so zero-shot numbers are comparable.
 LAB_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -644,9 +647,76 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
     cfg = build_config(method, values)
     if cfg.train.output_dir is None or not str(cfg.train.output_dir).strip():
         raise ConfigError("--output_dir is required (where the model, metrics and predictions are written)")
+    replaced = [f"--{k}" for k in QUICKSTART_REPLACES if explicit.get(k) is not None]
+    if cfg.train.quickstart and replaced:
+        warn_once(
+            f"--quickstart trains its own tiny model on synthetic dialogues: {', '.join(replaced)} "
+            f"{'is' if len(replaced) == 1 else 'are'} ignored (leave out --quickstart to use them)"
+        )
     check_sagemaker_channels(cfg)
     cfg.command = command_line(argv, f"scripts/train_{method}.py")
     return cfg
+
+
+#: Settings that ``--quickstart`` replaces with its generated model and data.
+QUICKSTART_REPLACES = (
+    "model_name_or_path",
+    "tokenizer_name",
+    "dataset_name",
+    "dataset_config_name",
+    "train_file",
+    "validation_file",
+    "test_file",
+)
+
+
+#: Characters W&B refuses in a project name; '/' and '\\' would also lead the TensorBoard folder (named after
+#: the project) out of the output folder.
+_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def project_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a W&B project and TensorBoard folder name, or None."""
+    bad = sorted({c for c in name if c in _PROJECT_FORBIDDEN or not c.isprintable()})
+    if bad:
+        return f"it may not contain {' '.join(map(repr, bad))}"
+    if name.strip() in ("", ".", ".."):
+        return "it must be a name (not empty, '.' or '..')"
+    if len(name) > 128:
+        return f"it is {len(name)} characters long, more than the 128 W&B allows"
+    return None
+
+
+def warn_once(message: str) -> None:
+    """A warning from the main process only (every process parses the same flags and plans the same run)."""
+    if os.environ.get("RANK", "0") in ("0", ""):
+        logger.warning(message)
+
+
+def idle_settings(cfg: Config, total_steps: int) -> list[str]:
+    """Settings that would silently do nothing in a run of ``total_steps`` optimizer steps, one message each."""
+    t = cfg.train
+    found = []
+    users = [
+        flag
+        for flag, on in (
+            ("--load_best_model_at_end", t.load_best_model_at_end),
+            ("--early_stopping_patience", t.early_stopping_patience),
+        )
+        if on
+    ]
+    if t.do_train and t.eval_steps and t.eval_steps > total_steps and users:
+        found.append(
+            f"--eval_steps {t.eval_steps} is beyond the run's last optimizer step ({total_steps}): no evaluation "
+            f"happens during training, so {' and '.join(users)} {'has' if len(users) == 1 else 'have'} no effect; use --eval_steps {total_steps} or less"
+        )
+    warmup = t.num_warmup_steps if t.num_warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+    if t.do_train and warmup and warmup >= total_steps and t.lr_scheduler_type != "constant":
+        found.append(
+            f"the warm-up ({warmup} steps) is not shorter than the run ({total_steps} optimizer steps): the learning "
+            f"rate never reaches {cfg.learning_rate:g}; use a shorter --num_warmup_steps/--warmup_ratio"
+        )
+    return found
 
 
 def mask_secrets(args: Sequence[str]) -> list[str]:
@@ -826,5 +896,14 @@ def validate(cfg: Config) -> None:
     _positive("max_new_tokens", g.max_new_tokens, allow_none=False)
     _positive("num_beams", g.num_beams, allow_none=False)
     _positive("no_repeat_ngram_size", g.no_repeat_ngram_size, allow_zero=True)
+    # the project names the TensorBoard folder too: it must stay a name inside the output folder
+    project, source = (
+        (tr.wandb_project, "--wandb_project")
+        if tr.wandb_project
+        else (os.environ.get("WANDB_PROJECT"), "WANDB_PROJECT")
+    )
+    problem = project_name_problem(project) if project is not None and tr.report_to != "none" else None
+    if problem:
+        raise ConfigError(f"{source} {project!r}: {problem}")
     if tr.report_to not in REPORT_TO_CHOICES:
         raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {tr.report_to!r}")

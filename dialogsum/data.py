@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dialogsum.config import DataArguments
+from dialogsum.config import DataArguments, warn_once
 from dialogsum.errors import UserError
 from dialogsum.files import SUPPORTED_EXTENSIONS, check_table_input, describe_value, read_rows
 
@@ -160,7 +160,25 @@ def load_splits(args: DataArguments, needed: Sequence[str]) -> dict[str, list[Ro
         if split != "train":
             eval_examples(rows, args, source=f"{split} data {source}")  # ids checked now, before any model loads
         out[split] = subsample(rows, limits[split])
+    if "train" in out:
+        warn_shared_dialogues(out, args.text_column)
     return out
+
+
+def warn_shared_dialogues(splits: dict[str, list[Row]], text_column: str) -> None:
+    """Warn (main process) when evaluation dialogues also appear in the training data, by content (white space
+    aside): their scores would measure memory, not summarization."""
+    seen = {" ".join(str(row[text_column]).split()) for row in splits["train"]}
+    for split in ("validation", "test"):
+        if split not in splits:
+            continue
+        dialogues = {" ".join(str(row[text_column]).split()) for row in splits[split]}
+        shared = len(dialogues & seen)
+        if shared:
+            warn_once(
+                f"{shared} of the {len(dialogues)} {split} dialogues also appear in the training data (same text): "
+                f"{split} scores on them measure memory, not summarization"
+            )
 
 
 def _load_dataset_splits(args: DataArguments, needed: Sequence[str]) -> dict[str, list[Row]]:

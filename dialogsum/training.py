@@ -44,7 +44,7 @@ from dialogsum.checkpointing import (
     remove_leftovers,
     save_checkpoint,
 )
-from dialogsum.config import Config, checkpoint_every
+from dialogsum.config import Config, checkpoint_every, idle_settings, warn_once
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, jsonl_text, read_jsonl, write_jsonl, write_text
@@ -144,6 +144,8 @@ def plan_steps(cfg: Config, sampler: LengthGroupedBatchSampler, num_processes: i
         total,
         cfg.learning_rate,
     )
+    for message in idle_settings(cfg, total):
+        warn_once(message)
     return total
 
 

@@ -4,6 +4,9 @@ ConfigError line. In-process; the property tests generate the argv and files (hy
 from __future__ import annotations
 
 import gzip
+import logging
+import re
+import runpy
 import tempfile
 from pathlib import Path
 
@@ -135,3 +138,98 @@ def test_sagemaker_channel_without_a_readable_file_is_an_error(tmp_path: Path, m
     assert parse_config(["--train_file", "t.jsonl", *no_eval], "full").data.train_file == "t.jsonl"
     (channel / "train.jsonl.gz").write_bytes(gzip.compress(b'{"dialogue": "a", "summary": "b"}\n'))
     assert parse_config(no_eval, "full").data.train_file == str(channel / "train.jsonl.gz")
+
+
+# ------------------------------------------------------------------------------------- names and numbers
+
+
+@pytest.mark.parametrize("project", ["../../elsewhere", "..", "a/b", "x\\y", "p" * 129])
+def test_tracker_project_stays_a_name_inside_the_output_folder(project: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=f"--wandb_project {re.escape(repr(project))}: it "):
+        parse_config(["--output_dir", "o", "--wandb_project", project], "full")
+    monkeypatch.setenv("WANDB_PROJECT", project)
+    with pytest.raises(ConfigError, match="WANDB_PROJECT"):
+        parse_config(["--output_dir", "o"], "full")
+    assert parse_config(["--output_dir", "o", "--report_to", "none"], "full").track.report_to == "none"
+
+
+def test_names_longer_than_the_filesystem_allows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dialogsum.cli import run_cli
+
+    long = "n" * 300
+    for flag in ("--output_dir", "--train_file", "--checkpoint_dir", "--model_name_or_path"):
+        with pytest.raises(ConfigError, match=f"^{flag} .*: a name in it is 300 bytes long, more than the 255"):
+            parse_config(["--output_dir", "o", flag, str(tmp_path / long)], "full")
+    with pytest.raises(SystemExit) as leaving:  # anywhere else a script meets such a name: one line, exit 1
+        run_cli(lambda argv: (tmp_path / long / "metrics.json").is_file(), [])
+    assert leaving.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(": a name in this path is longer than the filesystem allows"), err
+
+
+def test_compare_seed_and_resamples_are_bounded(tmp_path: Path) -> None:
+    from dialogsum.comparison import compare_runs
+
+    runs = [f"a={tmp_path}", f"b={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^--seed must be in \[0, 4294967295\], got -1$"):
+        compare_runs(runs, tmp_path / "c", seed=-1)
+    with pytest.raises(ConfigError, match=r"^--n_resamples must be in \[1, 100000\]"):
+        compare_runs(runs, tmp_path / "c", n_resamples=10**12)
+
+
+def test_lab_stage_flags_with_open_quotes() -> None:
+    from helpers import REPO
+
+    stage_flags = runpy.run_path(str(REPO / "scripts" / "lab.py"))["stage_flags"]
+    assert stage_flags("--full_args", "--seed 3 --run_name 'a b'") == ["--seed", "3", "--run_name", "a b"]
+    with pytest.raises(ConfigError) as caught:
+        stage_flags("--full_args", "--seed '3")
+    assert str(caught.value) == '--full_args "--seed \'3" cannot be split into flags: no closing quotation'
+
+
+# --------------------------------------------------------------------------------- settings that do nothing
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_quickstart_replacing_an_explicit_model_or_data_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    parse_config(["--output_dir", "o", "--quickstart", "--model_name_or_path", "m", "--train_file", "t.jsonl"], "lora")
+    assert _warnings(caplog) == [
+        "--quickstart trains its own tiny model on synthetic dialogues: --model_name_or_path, --train_file are "
+        "ignored (leave out --quickstart to use them)"
+    ]
+    caplog.clear()
+    parse_config(["--output_dir", "o", "--quickstart"], "lora")
+    assert _warnings(caplog) == []
+
+
+def test_settings_that_would_do_nothing_are_named() -> None:
+    from dialogsum.config import idle_settings
+
+    flags = {"output_dir": "o", "eval_steps": 50, "checkpointing_steps": "10", "load_best_model_at_end": True}
+    cfg = build_config("full", {**flags, "early_stopping_patience": 2, "num_warmup_steps": 40})
+    assert idle_settings(cfg, 40) == [
+        "--eval_steps 50 is beyond the run's last optimizer step (40): no evaluation happens during training, so "
+        "--load_best_model_at_end and --early_stopping_patience have no effect; use --eval_steps 40 or less",
+        "the warm-up (40 steps) is not shorter than the run (40 optimizer steps): the learning rate never reaches "
+        "5e-05; use a shorter --num_warmup_steps/--warmup_ratio",
+    ]
+    assert idle_settings(cfg, 100) == []
+    assert idle_settings(build_config("lora", {"output_dir": "o", "warmup_ratio": 0.5}), 1) != []  # ceil(0.5) = 1
+    assert idle_settings(build_config("lora", {"output_dir": "o", "eval_steps": 500}), 10) == []  # only logs loss
+
+
+def test_same_dialogues_in_train_and_test_warn(caplog: pytest.LogCaptureFixture) -> None:
+    from dialogsum.data import warn_shared_dialogues
+
+    train = [{"dialogue": f"#P1#: hello {i}"} for i in range(5)]
+    test = [{"dialogue": "#P1#:  hello 3\n"}, {"dialogue": "#P1#: new"}, {"dialogue": "#P1#: hello 4"}]
+    warn_shared_dialogues({"train": train, "test": test, "validation": train[:1]}, "dialogue")
+    assert _warnings(caplog) == [
+        "1 of the 1 validation dialogues also appear in the training data (same text): validation scores on them "
+        "measure memory, not summarization",
+        "2 of the 3 test dialogues also appear in the training data (same text): test scores on them measure "
+        "memory, not summarization",
+    ]
