@@ -708,7 +708,8 @@ def idle_settings(cfg: Config, total_steps: int) -> list[str]:
     if t.do_train and t.eval_steps and t.eval_steps > total_steps and users:
         found.append(
             f"--eval_steps {t.eval_steps} is beyond the run's last optimizer step ({total_steps}): no evaluation "
-            f"happens during training, so {' and '.join(users)} {'has' if len(users) == 1 else 'have'} no effect; use --eval_steps {total_steps} or less"
+            f"happens during training, so {' and '.join(users)} {'has' if len(users) == 1 else 'have'} no effect; "
+            f"use --eval_steps {total_steps} or less"
         )
     warmup = t.num_warmup_steps if t.num_warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     if t.do_train and warmup and warmup >= total_steps and t.lr_scheduler_type != "constant":
