@@ -75,11 +75,16 @@ RESUME_KEYS = (
     "learning_rate",
     "weight_decay",
     "lr_scheduler_type",
+    "optim",
+    "label_smoothing_factor",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
 )
+
+#: Resume keys added after checkpoints were first written: a checkpoint without one was made with this value.
+RESUME_KEY_DEFAULTS = {"optim": "adamw", "label_smoothing_factor": 0.0}
 
 
 @dataclass
@@ -308,11 +313,11 @@ def settings_differences(saved: dict[str, Any], cfg: Config, then: str = "checkp
     current = fingerprint(cfg)
     same_data = DATA_DIGEST in current and saved.get(DATA_DIGEST) == current[DATA_DIGEST]
     return [
-        f"{k}: {then} {saved.get(k)!r} vs now {v!r}"
+        f"{k}: {then} {saved.get(k, RESUME_KEY_DEFAULTS.get(k))!r} vs now {v!r}"
         if k != DATA_DIGEST
         else f"the content of --train_file {cfg.data.train_file} changed since the {then}"
         for k, v in current.items()
-        if saved.get(k) != v
+        if saved.get(k, RESUME_KEY_DEFAULTS.get(k)) != v
         and not (k == "train_file" and same_data)  # the same data, moved: fine
         and not (k == DATA_DIGEST and k not in saved)  # nothing to compare with
     ]

@@ -46,6 +46,10 @@ METHODS = ("full", "lora")
 LENGTH_BUCKET_CHOICES = ("auto", "on", "off")
 REPORT_TO_CHOICES = ("all", "wandb", "tensorboard", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "adafactor")
+#: The learning rate of --optim adafactor when --learning_rate is not given: T5's usual fine-tuning setting
+#: (a fixed lr, relative step off), for full fine-tuning and LoRA alike.
+ADAFACTOR_LEARNING_RATE = 1e-3
 BEST_METRICS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 #: The largest seed: numpy (seeded by accelerate's set_seed with the same value) takes 32-bit seeds only.
 MAX_SEED = 2**32 - 1
@@ -157,9 +161,20 @@ class TrainingArguments:
     per_device_eval_batch_size: int = _help("Evaluation/generation batch size per process.", default=16)
     gradient_accumulation_steps: int = _help("Micro-batches accumulated per optimizer step.", default=1)
     learning_rate: float | None = _help(
-        "Peak learning rate. Default: 5e-5 for full fine-tuning, 1e-3 for LoRA.", default=None
+        "Peak learning rate. Default: 5e-5 for full fine-tuning, 1e-3 for LoRA and for --optim adafactor.", default=None
     )
-    weight_decay: float = _help("AdamW weight decay (never applied to biases and LayerNorm weights).", default=0.01)
+    weight_decay: float = _help("Weight decay (never applied to biases and LayerNorm weights).", default=0.01)
+    optim: str = _help(
+        "Optimizer: adamw (torch's fused AdamW) or adafactor (transformers' Adafactor with T5's fine-tuning settings: "
+        f"relative step off, no parameter scaling, no momentum; default lr {ADAFACTOR_LEARNING_RATE}). Adafactor keeps "
+        "factored second moments instead of Adam's two full-size states (docs/training.md).",
+        default="adamw",
+    )
+    label_smoothing_factor: float = _help(
+        "Label smoothing of the training loss (0 = none; e.g. 0.1): applied per target token, then token-weighted "
+        "like the plain loss. Evaluation loss stays plain cross-entropy.",
+        default=0.0,
+    )
     num_train_epochs: float = _help("Number of passes over the training data.", default=1.0)
     max_train_steps: int | None = _help("Optimizer steps to run; overrides --num_train_epochs.", default=None)
     lr_scheduler_type: str = _help(f"Learning-rate schedule: one of {', '.join(SCHEDULERS)}.", default="linear")
@@ -353,6 +368,8 @@ class Config:
         """The learning rate in force (explicit or the method's default)."""
         if self.train.learning_rate is not None:
             return self.train.learning_rate
+        if self.train.optim == "adafactor":
+            return ADAFACTOR_LEARNING_RATE
         return DEFAULT_LEARNING_RATE[self.method]
 
 
@@ -839,6 +856,10 @@ def validate(cfg: Config) -> None:
     if t.learning_rate is not None and not (0 < t.learning_rate < 1):
         raise ConfigError(f"--learning_rate must be in (0, 1), got {t.learning_rate}")
     _positive("weight_decay", t.weight_decay, allow_zero=True)
+    if t.optim not in OPTIMIZERS:
+        raise ConfigError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {t.optim!r}")
+    if not 0 <= t.label_smoothing_factor < 1:
+        raise ConfigError(f"--label_smoothing_factor must be in [0, 1), got {t.label_smoothing_factor}")
     _positive("num_train_epochs", t.num_train_epochs, allow_none=False)
     _positive("max_train_steps", t.max_train_steps)
     _positive("num_warmup_steps", t.num_warmup_steps, allow_zero=True)

@@ -80,7 +80,8 @@ def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only; no weight decay on biases and LayerNorm weights."""
+    """``--optim`` (fused AdamW or Adafactor) over trainable parameters only; no weight decay on biases and
+    LayerNorm weights."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -90,11 +91,47 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters")
+    if cfg.train.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # T5's fine-tuning settings: the lr is the schedule's (relative step off, no warm-up init, no scaling by
+        # each tensor's RMS); beta1 None keeps no momentum, and a matrix's second moment is stored as a row and
+        # a column vector (rows + columns numbers instead of rows x columns)
+        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
     # fused: one kernel updates every tensor in one pass. CPU: foreach falls back to full-size temporaries there
     # (flan-t5-base on 2 cores: fused ~0.2 s per step, foreach ~10x slower). GPU: foreach still launches several
     # kernels per tensor group and operation, fused a few per step, and the step is bound by launches
     # (~280 parameter tensors here). DeepSpeed's and FSDP's sharded parameters take the fused kernel too.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def loss_function(
+    accelerator: Any, model: torch.nn.Module, label_smoothing: float
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``loss(batch)``: the mean loss over a micro-batch's target tokens (labels other than -100).
+
+    Without smoothing it is the model's own cross-entropy. With ``label_smoothing`` ``e``, each target token's loss
+    is ``(1 - e) * -log p(label) + e * mean over the vocabulary of -log p(v)`` (torch's ``label_smoothing``, as
+    transformers' ``--label_smoothing_factor``), -100 positions left out. :func:`token_weights` weighs that mean
+    like the plain one, so every split of a step sums the same per-token losses. The model then gets the decoder
+    inputs (the labels shifted right, as T5 builds them) instead of the labels, so it computes no loss of its own.
+    """
+    if not label_smoothing:
+        return lambda batch: model(**batch).loss
+    config = accelerator.unwrap_model(model).config  # DDP, DeepSpeed, compile and PEFT wrappers
+    start, pad = config.decoder_start_token_id, config.pad_token_id
+
+    def smoothed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        decoder_input_ids = labels.new_full(labels.shape, start)
+        decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, decoder_input_ids=decoder_input_ids).logits
+        return torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+        )
+
+    return smoothed
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
@@ -201,6 +238,7 @@ def train_loop(
     """
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
+    compute_loss = loss_function(accelerator, model, t.label_smoothing_factor)
     batches = TrainBatches(accelerator, train_loader, sampler, state, resume_from)
     log = LogWindow(accelerator, state, resume_from, checkpoint_root(cfg))
     history = History(accelerator, t.output_dir, keep_from_step=state.step, checkpoint=resume_from)
@@ -230,7 +268,7 @@ def train_loop(
                 accelerator.sync_gradients = last  # DDP syncs, DeepSpeed and the optimizer step after the last only
                 num_tokens = batch.pop("num_tokens")  # real prompt + summary tokens, for throughput
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    loss = model(**batch).loss  # mean over this micro-batch's target tokens
+                    loss = compute_loss(batch)  # mean over this micro-batch's target tokens
                     accelerator.backward(loss * weights[i])
                 log.add(loss * targets[i], num_tokens, batch["input_ids"].shape[0])
             if t.max_grad_norm > 0:

@@ -100,6 +100,12 @@ def test_incompatible_checkpoint_names_every_difference(tmp_path: Path) -> None:
         "num_processes: checkpoint 1 vs now 2",
     ):
         assert part in message
+    # a checkpoint written before --optim and --label_smoothing_factor existed was made with their defaults
+    older = {k: v for k, v in saved.fingerprint.items() if k not in ("optim", "label_smoothing_factor")}
+    check_compatible(TrainState(num_processes=1, fingerprint=older), build_config("lora", base), 1, tmp_path)
+    with pytest.raises(UserError, match="optim: checkpoint 'adamw' vs now 'adafactor'; label_smoothing_factor: "):
+        now = build_config("lora", {**base, "optim": "adafactor", "label_smoothing_factor": 0.1})
+        check_compatible(TrainState(num_processes=1, fingerprint=older), now, 1, tmp_path)
 
 
 def test_state_file_from_a_newer_version_still_reads(tmp_path: Path) -> None:

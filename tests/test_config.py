@@ -64,6 +64,8 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
         (["--report_to", "mlflow"], "--report_to must be one of"),
         (["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer or 'epoch'"),
         (["--early_stopping_patience", "2"], "--early_stopping_patience needs --eval_steps"),
+        (["--optim", "sgd"], "--optim must be one of adamw, adafactor, got 'sgd'"),
+        (["--label_smoothing_factor", "1"], "--label_smoothing_factor must be in [0, 1), got 1.0"),
     ],
 )
 def test_invalid_values_raise_config_error(argv: list[str], message: str) -> None:

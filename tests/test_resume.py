@@ -240,3 +240,41 @@ def test_two_processes_resume_bit_for_bit(dropout_model: Path, synthetic_data_di
     a, b = _weights(ref, "full"), _weights(copy, "full")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _log(copy) == _log(ref)
+
+
+def test_adafactor_resumes_bit_for_bit(dropout_model: Path, synthetic_data_dir: Path, tmp_path: Path) -> None:
+    """--optim adafactor: resumed from checkpoint-4 (mid-epoch 1, inside an accumulation cycle), the run ends
+    with the uninterrupted run's weights and log; the checkpoint holds Adafactor's factored state, and resuming it
+    with another optimizer is refused before the model loads."""
+    adafactor = ("--optim", "adafactor")
+    ref = tmp_path / "reference"
+    _run(_command("full", dropout_model, synthetic_data_dir, ref, *adafactor))
+    optimizer = torch.load(ref / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    states = list(optimizer["state"].values())
+    assert any("exp_avg_sq_row" in s for s in states) and not any("exp_avg" in s for s in states)
+
+    copy = tmp_path / "resumed"
+    copy.mkdir()
+    shutil.copytree(ref / "checkpoint-4", copy / "checkpoint-4")
+    kept = [x for x in (ref / "log_history.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 4]
+    (copy / "log_history.jsonl").write_text("\n".join(kept) + "\n")
+    resumed = _run(
+        _command("full", dropout_model, synthetic_data_dir, copy, *adafactor, "--resume_from_checkpoint", "latest")
+    )
+    assert f"resumed from {copy / 'checkpoint-4'}" in resumed.stderr
+    a, b = _weights(ref, "full"), _weights(copy, "full")
+    start = load_file(str(dropout_model / "model.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(copy) == _log(ref)
+
+    cmd = _command(
+        "full",
+        dropout_model,
+        synthetic_data_dir,
+        tmp_path / "other",
+        "--resume_from_checkpoint",
+        str(ref / "checkpoint-4"),
+    )
+    proc = run_script(cmd, env=_env())
+    assert proc.returncode == 1 and "optim: checkpoint 'adafactor' vs now 'adamw'" in proc.stderr, proc.stderr[-2000:]

@@ -3,8 +3,9 @@
 The quick-start tiny T5 (fp32, no dropout) trains 4 optimizer steps of 8 examples on rows whose summaries differ
 in length up to 6x, in plain random batch order (so every split sees the same 8 examples per step). Splits are
 per-device batch x accumulation x processes: 8x1x1, 4x2x1, 2x4x1 (one process), 4x1x2, 2x2x2 (two gloo processes),
-for full fine-tuning and LoRA, plus 2x2x2 under DeepSpeed ZeRO-2. Each split is one real ``accelerate launch`` of
-the training script; its saved weights, logged losses and ``train_loss`` must match those of the 8x1x1 run.
+for full fine-tuning and LoRA, plus 2x2x2 under DeepSpeed ZeRO-2, and 8x1x1 vs 2x2x2 with label smoothing 0.1.
+Each split is one real ``accelerate launch`` of the training script; its saved weights, logged losses and
+``train_loss`` must match those of the 8x1x1 run (of the smoothed 8x1x1 run for the smoothed split).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 #: name -> (per-device batch, accumulation steps, processes); 8 examples per optimizer step in each
 SPLITS = {"8x1x1": (8, 1, 1), "4x2x1": (4, 2, 1), "2x4x1": (2, 4, 1), "4x1x2": (4, 1, 2), "2x2x2": (2, 2, 2)}
 ZERO2 = "2x2x2-zero2"
+#: --label_smoothing_factor 0.1 runs: the smoothed per-token losses are token-weighted the same way
+SMOOTHED = ("8x1x1-smooth", "2x2x2-smooth")
 STEPS = 4
 #: the largest relative difference allowed between two splits' weights (:func:`relative_differences`), logged
 #: losses and train_loss
@@ -63,7 +66,7 @@ def uneven_data(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Pa
 
 
 def _train(method: str, split: str, model: Path, data: Path, out: Path) -> Path:
-    batch, accumulation, processes = SPLITS[split.removesuffix("-zero2")]
+    batch, accumulation, processes = SPLITS[split.removesuffix("-zero2").removesuffix("-smooth")]
     config = "deepspeed_zero2.yaml" if split == ZERO2 else "multi_cpu.yaml" if processes == 2 else "cpu.yaml"
     launch = ["--config_file", str(REPO / "accelerate_configs" / config)]
     launch += ["--num_processes", str(processes), "--mixed_precision", "no"]
@@ -74,6 +77,7 @@ def _train(method: str, split: str, model: Path, data: Path, out: Path) -> Path:
         *("--logging_steps", "1", "--do_eval", "false", "--report_to", "none", "--seed", "0"),
         *("--max_source_length", "96", "--max_target_length", "128"),
         *(("--lora_dropout", "0") if method == "lora" else ()),
+        *(("--label_smoothing_factor", "0.1") if split in SMOOTHED else ()),
     ]
     script = str(REPO / "scripts" / f"train_{method}.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, script, *args]
@@ -91,7 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, uneven_
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config.get("dropout_rate", 0.0) == 0.0  # otherwise the splits would draw different dropout masks
     root = tmp_path_factory.mktemp("splits")
-    jobs = [(m, s) for m in WEIGHTS for s in SPLITS] + [("full", ZERO2)]
+    jobs = [(m, s) for m in WEIGHTS for s in SPLITS] + [("full", ZERO2)] + [("full", s) for s in SMOOTHED]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
             job: pool.submit(_train, *job, tiny_model_dir, uneven_data, root / f"{job[0]}-{job[1]}") for job in jobs
@@ -130,3 +134,15 @@ def test_deepspeed_zero2_takes_the_same_optimizer_steps(runs: dict[tuple, Path])
     got = load_file(str(runs[("full", ZERO2)] / WEIGHTS["full"]))
     assert_same_weights(ref, got, ZERO2)
     assert _losses(runs[("full", ZERO2)]) == pytest.approx(_losses(runs[("full", "8x1x1")]), rel=TOLERANCE)
+
+
+def test_label_smoothing_takes_the_same_optimizer_steps(runs: dict[tuple, Path]) -> None:
+    ref = load_file(str(runs[("full", SMOOTHED[0])] / WEIGHTS["full"]))
+    assert_same_weights(ref, load_file(str(runs[("full", SMOOTHED[1])] / WEIGHTS["full"])), SMOOTHED[1])
+    smoothed = {split: _losses(runs[("full", split)]) for split in SMOOTHED}
+    assert smoothed[SMOOTHED[1]] == pytest.approx(smoothed[SMOOTHED[0]], rel=TOLERANCE)
+    assert _train_loss(runs[("full", SMOOTHED[1])]) == pytest.approx(
+        _train_loss(runs[("full", SMOOTHED[0])]), rel=TOLERANCE
+    )
+    # smoothing changed the objective: the first loss (same weights, same batch) is not the plain one
+    assert smoothed[SMOOTHED[0]][0] != pytest.approx(_losses(runs[("full", "8x1x1")])[0], rel=1e-4)

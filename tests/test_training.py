@@ -146,3 +146,62 @@ def test_schedule_steps_once_per_optimizer_step(tmp_path: Path, quickstart_asset
     ]
     # linear warm-up over 4 steps to 1e-3, then linear decay to 0 at step 8
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+
+
+def test_label_smoothing_is_applied_per_target_token(tiny_model_dir: Path, one_thread: None) -> None:
+    """The smoothed loss is (1 - e) * NLL + e * mean over the vocabulary of -log p, per target token, averaged
+    over the tokens whose label is not -100; the decoder inputs are the labels shifted right, as T5 builds them."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForSeq2SeqLM
+
+    from dialogsum.training import loss_function
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)).eval()
+    labels = torch.randint(2, model.config.vocab_size, (3, 7))
+    labels[0, 4:] = -100  # padding of the shorter summaries
+    labels[2, 2:] = -100
+    batch = {"input_ids": torch.randint(2, model.config.vocab_size, (3, 9)), "labels": labels}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    accelerator = Accelerator(cpu=True)
+    plain = loss_function(accelerator, model, 0.0)(dict(batch))
+    smoothed = loss_function(accelerator, model, 0.1)(dict(batch))
+
+    reference = model(**batch)  # the model shifts the labels itself
+    assert plain.item() == pytest.approx(reference.loss.item(), rel=1e-6)
+    log_p = reference.logits.double().log_softmax(-1)
+    real = labels != -100
+    nll = -log_p.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    uniform = -log_p.mean(-1)
+    expected = ((0.9 * nll + 0.1 * uniform) * real).sum() / real.sum()
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert smoothed.item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+def test_adafactor_uses_t5_settings_and_factored_state(tiny_model_dir: Path, one_thread: None) -> None:
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.optimization import Adafactor
+
+    from dialogsum.config import build_config
+    from dialogsum.training import build_optimizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    cfg = build_config("full", {"optim": "adafactor", "output_dir": "x"})
+    assert cfg.learning_rate == 1e-3  # T5's usual fixed Adafactor lr when none is given
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, Adafactor)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["relative_step"], group["scale_parameter"], group["warmup_init"]) == (
+        1e-3,
+        False,
+        False,
+        False,
+    )
+    assert group["beta1"] is None and group["weight_decay"] == 0.01
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "labels": torch.tensor([[8, 9, 1]])}
+    model(**batch).loss.backward()
+    optimizer.step()
+    matrix = model.get_parameter("encoder.block.0.layer.0.SelfAttention.q.weight")
+    state = optimizer.state[matrix]
+    assert state["exp_avg_sq_row"].shape == (matrix.shape[0],) and state["exp_avg_sq_col"].shape == (matrix.shape[1],)
+    assert "exp_avg" not in state and "exp_avg_sq" not in state
