@@ -48,6 +48,7 @@ FILES_KEY = "files"
 #: In TRAINABLE_ONLY_FILE: the model's weights are the checkpoint's loadable model (``model.safetensors``).
 LOADABLE_WEIGHTS = "loadable model.safetensors"
 DATA_DIGEST = "train_file_sha256"
+BASE_DIGEST = "base_model_weights_digest"
 TRAINABLE_ONLY_FILE = "trainable_only.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|deleting|replaced)$")
@@ -139,7 +140,28 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     train_file = cfg.data.train_file
     if train_file and Path(train_file).is_file():
         found[DATA_DIGEST] = _sha256(Path(train_file))
+    if cfg.method == "lora" and Path(cfg.model.model_name_or_path).is_dir():
+        # a LoRA checkpoint holds the adapter only: resuming puts it on whatever base is at that path now
+        found[BASE_DIGEST] = weights_digest(Path(cfg.model.model_name_or_path))
     return found
+
+
+def weights_digest(folder: Path, blocks: int = 16, block_size: int = 1 << 16) -> str:
+    """A cheap digest of a model folder's weights: each weight file's name and size, its first MiB (a safetensors
+    header with every tensor's name, dtype, shape and offsets, then the first values) and ``blocks`` blocks spread
+    evenly over the rest. Other weights at the same path almost surely differ in it; reads ~2 MB per file."""
+    from dialogsum.modeling import weight_files
+
+    digest = hashlib.sha256()
+    for path in weight_files(folder):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            for i in range(blocks):
+                fh.seek((size - block_size) * i // max(blocks - 1, 1) if size > block_size else 0)
+                digest.update(fh.read(block_size))
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -303,23 +325,61 @@ def check_checkpoint_files(checkpoint: Path) -> None:
 
 def read_state(checkpoint: Path) -> TrainState:
     """Load ``trainer_state.json`` of a checkpoint (keys this version does not know are ignored)."""
-    data = read_json_object(checkpoint / STATE_FILE, "checkpoint state")
-    known = {f.name for f in fields(TrainState)}
-    return TrainState(**{k: v for k, v in data.items() if k in known})
+    path = checkpoint / STATE_FILE
+    data = read_json_object(path, "checkpoint state")
+    known = {f.name: f for f in fields(TrainState)}
+    values = {k: v for k, v in data.items() if k in known}
+    for name, value in values.items():
+        expected = _STATE_TYPES[name]
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            raise UserError(f"{path}: {name} is {json.dumps(value)[:60]}, expected {kinds}; the file is not this run's")
+    return TrainState(**values)
+
+
+#: The JSON types of each TrainState field (ints also read where floats are expected).
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "best_metric": (int, float, type(None)),
+    "best_step": (int, type(None)),
+    "best_checkpoint": (str, type(None)),
+    "fingerprint": (dict,),
+    "elapsed_s": (int, float),
+    **{
+        name: (int,)
+        for name in (
+            "step",
+            "epoch",
+            "batches_in_epoch",
+            "evals_without_improvement",
+            "num_processes",
+            "window_targets",
+            "window_tokens",
+            "window_samples",
+            "total_targets",
+            "total_tokens",
+            "total_samples",
+        )
+    },
+}
 
 
 def settings_differences(saved: dict[str, Any], cfg: Config, then: str = "checkpoint") -> list[str]:
     """The settings of ``cfg`` that differ from a saved :func:`fingerprint` (``then``: what saved it)."""
     current = fingerprint(cfg)
     same_data = DATA_DIGEST in current and saved.get(DATA_DIGEST) == current[DATA_DIGEST]
+    same_base = BASE_DIGEST in current and saved.get(BASE_DIGEST) == current[BASE_DIGEST]
+    changed = {
+        DATA_DIGEST: f"the content of --train_file {cfg.data.train_file} changed since the {then}",
+        BASE_DIGEST: f"the weights at --model_name_or_path {cfg.model.model_name_or_path} changed since the {then} "
+        "(the LoRA adapter was trained on the base model that was there then)",
+    }
     return [
-        f"{k}: {then} {saved.get(k, RESUME_KEY_DEFAULTS.get(k))!r} vs now {v!r}"
-        if k != DATA_DIGEST
-        else f"the content of --train_file {cfg.data.train_file} changed since the {then}"
+        changed.get(k) or f"{k}: {then} {saved.get(k, RESUME_KEY_DEFAULTS.get(k))!r} vs now {v!r}"
         for k, v in current.items()
         if saved.get(k, RESUME_KEY_DEFAULTS.get(k)) != v
         and not (k == "train_file" and same_data)  # the same data, moved: fine
-        and not (k == DATA_DIGEST and k not in saved)  # nothing to compare with
+        and not (k == "model_name_or_path" and same_base)  # the same base weights, moved: fine
+        and not (k in changed and k not in saved)  # nothing to compare with
     ]
 
 

@@ -263,9 +263,10 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
 def load_tokenizer_checked(cfg: Config) -> Any:
     """The tokenizer, and the check that ``--max_source_length`` leaves room for a dialogue (before weights)."""
     from dialogsum.data import check_prompt_fits
-    from dialogsum.modeling import load_tokenizer
+    from dialogsum.modeling import check_tokenizer_fits, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
+    check_tokenizer_fits(tokenizer, cfg.model.model_name_or_path)
     check_prompt_fits(tokenizer, cfg.data)
     return tokenizer
 

@@ -40,11 +40,26 @@ def check_model_source(name_or_path: str) -> None:
     """Early, cheap check that a model can be loaded: a local seq2seq model dir or a reachable hub id."""
     _check_source(name_or_path, "model")
     if Path(name_or_path).is_dir():
-        config = read_json_object(Path(name_or_path) / "config.json", "model config")
+        config = read_model_config(name_or_path)
         if not config.get("is_encoder_decoder", False):
             arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
             raise UserError(f"{name_or_path} is not a seq2seq (encoder-decoder) model ({arch}); use a T5/FLAN-T5 model")
         check_weight_files(Path(name_or_path))
+
+
+def read_model_config(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a local model folder as a dict, checked by transformers' own config class: a file
+    that is not a JSON object, or holds a value transformers refuses, is one clear :class:`UserError`."""
+    from transformers import AutoConfig
+
+    path = Path(folder) / "config.json"
+    config = read_json_object(path, "model config")
+    try:
+        AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - ValueError, TypeError, KeyError and transformers' validation errors
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise UserError(f"{path} is not a valid model config: {detail}") from exc
+    return config
 
 
 def check_weight_files(folder: Path) -> None:
@@ -136,9 +151,13 @@ def load_model(name_or_path: str, fused_activations: bool = True) -> torch.nn.Mo
 
     check_model_source(name_or_path)
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=torch.float32)
+        # mismatched shapes are reported in the loading info (and refused below) instead of raised
+        model, info = AutoModelForSeq2SeqLM.from_pretrained(
+            name_or_path, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    check_loading_info(name_or_path, info)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is embed.weight and checkpoint_has_own_lm_head(name_or_path):
         raise UserError(
@@ -151,6 +170,54 @@ def load_model(name_or_path: str, fused_activations: bool = True) -> torch.nn.Mo
     return model
 
 
+def check_loading_info(name_or_path: str, info: dict[str, Any]) -> None:
+    """Refuse weights that do not match the model's config: tensors missing (they would stay at random values),
+    unexpected, or of another shape, named from ``from_pretrained``'s loading info (transformers only logs them)."""
+
+    def names(entries: Any) -> list[str]:  # transformers 5.x: (name, saved shape, model shape); 4.x: names
+        return sorted(e[0] if isinstance(e, tuple) else e for e in entries or ())
+
+    def shape(entry: Any) -> str:
+        if isinstance(entry, tuple) and len(entry) == 3:
+            return f"{entry[0]} {list(entry[1])} in the file vs {list(entry[2])} in the config"
+        return str(entry)
+
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected")):
+        found = names(info.get(key))
+        if found:
+            problems.append(f"{len(found)} {what} ({_some(found)})")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda e: e[0] if isinstance(e, tuple) else e)
+    if mismatched:
+        problems.append(f"{len(mismatched)} of another shape ({_some([shape(e) for e in mismatched])})")
+    problems += [" ".join(str(m).split())[:200] for m in info.get("error_msgs") or ()]
+    if problems:
+        raise UserError(
+            f"the weights of {name_or_path} do not match its config.json: tensors {'; '.join(problems)}; "
+            "the folder is incomplete or mixes two models: copy or save it again"
+        )
+
+
+def _some(items: list[str], shown: int = 5) -> str:
+    return ", ".join(items[:shown]) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
+
+
+def check_tokenizer_fits(tokenizer: Any, model_name_or_path: str) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings (an id past the table would fail in the
+    middle of a run, or index another token's row)."""
+    from transformers import AutoConfig
+
+    try:
+        vocab_size = AutoConfig.from_pretrained(model_name_or_path).vocab_size
+    except (OSError, ValueError):
+        return  # the model's own loading reports it
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer):,} tokens but the model {model_name_or_path} has embeddings for "
+            f"{vocab_size:,}: use the tokenizer the model was trained with (--tokenizer_name)"
+        )
+
+
 def load_for_training(
     args: ModelArguments, accelerator: Any, gen: GenerationArguments | None = None
 ) -> tuple[Any, torch.nn.Module]:
@@ -161,6 +228,7 @@ def load_for_training(
     (:func:`use_generation_settings`), so that every folder saved from it generates like the run's evaluation.
     """
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+    check_tokenizer_fits(tokenizer, args.model_name_or_path)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     with whole_model_loading(plugin is not None and not plugin.zero3_init_flag):
         model = load_model(args.model_name_or_path)

@@ -18,12 +18,11 @@ the newest): the few places where what the newest versions write is read differe
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from dialogsum.files import write_json
+from dialogsum.files import json_object_or_none, write_json
 
 #: The keys of ``adapter_config.json`` that peft 0.13 (pyproject.toml's floor) reads: the fields of its
 #: ``LoraConfig`` (with ``PeftConfig``'s). Any other key makes ``LoraConfig(**saved)`` raise a TypeError there.
@@ -52,10 +51,7 @@ def make_portable(folder: str | Path) -> list[str]:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
+    return json_object_or_none(path) if path.is_file() else None
 
 
 def _untied_head_config(folder: Path) -> list[str]:

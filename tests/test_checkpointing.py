@@ -115,6 +115,24 @@ def test_state_file_from_a_newer_version_still_reads(tmp_path: Path) -> None:
     assert (state.step, state.epoch) == (7, 1)
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[7, 1]", " must hold a JSON object, but holds a list"),
+        ('{"step": "7"}', ': step is "7", expected int; the file is not this run\'s'),
+        ('{"step": 7, "fingerprint": []}', ": fingerprint is [], expected dict; the file is not this run's"),
+        ('{"step": true}', ": step is true, expected int; the file is not this run's"),
+    ],
+    ids=["list", "string-step", "list-fingerprint", "bool-step"],
+)
+def test_a_state_file_of_the_wrong_type_is_one_clear_line(content: str, expected: str, tmp_path: Path) -> None:
+    folder = _fake_checkpoint(tmp_path, "checkpoint-7")
+    (folder / STATE_FILE).write_text(content)
+    with pytest.raises(UserError) as error:
+        read_state(folder)
+    assert str(error.value) == f"{folder / STATE_FILE}{expected}"
+
+
 # --------------------------------------------------------------------------------------------- LoRA weights
 
 
@@ -241,3 +259,33 @@ def test_training_data_is_compared_by_content(tmp_path: Path) -> None:
     first.write_text('{"dialogue": "hi", "summary": "another greeting"}\n')
     with pytest.raises(UserError, match=f"the content of --train_file {first} changed since the checkpoint"):
         check_compatible(saved, build_config("full", {**settings, "train_file": str(first)}), 1, tmp_path)
+
+
+def test_lora_resume_is_refused_when_the_base_weights_changed_at_the_same_path(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    base, moved = tmp_path / "base", tmp_path / "moved"
+    shutil.copytree(tiny_model_dir, base)
+    shutil.copytree(tiny_model_dir, moved)
+    settings = {"output_dir": str(tmp_path / "out"), "train_file": "t.jsonl"}
+    saved = TrainState(fingerprint=fingerprint(build_config("lora", {**settings, "model_name_or_path": str(base)})))
+    assert len(saved.fingerprint["base_model_weights_digest"]) == 64
+    check_compatible(saved, build_config("lora", {**settings, "model_name_or_path": str(base)}), 1, tmp_path)
+    # the same weights elsewhere: fine
+    check_compatible(saved, build_config("lora", {**settings, "model_name_or_path": str(moved)}), 1, tmp_path)
+
+    # other values, same names, shapes and file size (e.g. another fine-tune saved over it)
+    tensors = load_file(str(base / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in tensors.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError) as error:
+        check_compatible(saved, build_config("lora", {**settings, "model_name_or_path": str(base)}), 1, tmp_path)
+    assert str(error.value) == (
+        f"cannot resume from {tmp_path}: settings differ (the weights at --model_name_or_path {base} changed since "
+        "the checkpoint (the LoRA adapter was trained on the base model that was there then))"
+    )
+    # a full fine-tune resumes from the weights in its checkpoint: the base is not fingerprinted
+    assert "base_model_weights_digest" not in fingerprint(
+        build_config("full", {**settings, "model_name_or_path": str(base)})
+    )

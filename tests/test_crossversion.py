@@ -35,6 +35,8 @@ def test_every_saved_folder_loads_the_same_under_the_floors_and_the_newest(
     floors_python = _floors_python()
     here, there = tmp_path / "saved_here", tmp_path / "saved_by_floors"
     crossversion.build_folders(here, str(flan_t5_base_dir))
+    adapter_config = json.loads((here / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(here / "base")  # given as "base", recorded absolute
     expected_here = crossversion.probe_folders(here)
 
     proc = run_script(

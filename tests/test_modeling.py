@@ -17,6 +17,7 @@ from dialogsum.modeling import (
     check_model_source,
     load_adapter,
     load_for_inference,
+    load_model,
     model_from_config,
     parameter_report,
     save_model,
@@ -129,3 +130,105 @@ def test_bad_model_and_adapter_paths(tmp_path: Path, tiny_model_dir: Path) -> No
         apply_lora(
             AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)), LoraArguments(lora_target_modules=["qq"])
         )
+
+
+def _copy_with_weights(source: Path, target: Path, change) -> Path:
+    """A copy of the model folder ``source`` whose weights are ``change(tensors)``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(str(source / "model.safetensors"))
+    save_file(change(dict(tensors)), str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_weights_that_do_not_match_the_config_are_refused_naming_the_tensors(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    def drop_block_1(t):
+        return {k: v for k, v in t.items() if ".block.1." not in k}
+
+    def add_one(t):
+        return {**t, "decoder.extra_head.weight": torch.zeros(3)}
+
+    def reshape_norm(t):
+        return {**t, "decoder.final_layer_norm.weight": torch.ones(7)}
+
+    dropped = len(load_file(str(tiny_model_dir / "model.safetensors"))) - len(
+        drop_block_1(load_file(str(tiny_model_dir / "model.safetensors")))
+    )
+    missing = _copy_with_weights(tiny_model_dir, tmp_path / "missing", drop_block_1)
+    with pytest.raises(UserError) as error:
+        load_model(str(missing))
+    message = str(error.value)
+    assert message.startswith(f"the weights of {missing} do not match its config.json: tensors {dropped} missing (")
+    assert "decoder.block.1.layer.0.SelfAttention.k.weight" in message and f"({dropped - 5} more)" in message
+    assert "\n" not in message
+
+    extra = _copy_with_weights(tiny_model_dir, tmp_path / "extra", add_one)
+    with pytest.raises(UserError, match=r"tensors 1 unexpected \(decoder\.extra_head\.weight\);"):
+        load_model(str(extra))
+
+    shape = _copy_with_weights(tiny_model_dir, tmp_path / "shape", reshape_norm)
+    with pytest.raises(UserError) as error:
+        load_model(str(shape))
+    assert "tensors 1 of another shape (decoder.final_layer_norm.weight [7] in the file vs [64] in the config)" in str(
+        error.value
+    )
+    load_model(str(tiny_model_dir))  # the folder as saved loads
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"model_type": "t5", "d_model": 64', "is not valid JSON (Expecting ',' delimiter at line 1)"),
+        ("[1, 2]", "must hold a JSON object, but holds a list"),
+        ('{"model_type": "t5", "is_encoder_decoder": true, "d_model": "wide"}', "is not a valid model config: "),
+    ],
+    ids=["cut-short", "list", "wrong-value"],
+)
+def test_a_broken_config_json_is_one_clear_line(content: str, expected: str, tiny_model_dir: Path, tmp_path: Path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "config.json").write_text(content)
+    with pytest.raises(UserError) as error:
+        check_model_source(str(folder))
+    assert str(error.value).startswith(f"{folder / 'config.json'} {expected}")
+    assert "\n" not in str(error.value)
+
+
+def test_a_tokenizer_larger_than_the_model_embeddings_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dialogsum.modeling import check_tokenizer_fits
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    vocab = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)).config.vocab_size
+    check_tokenizer_fits(tokenizer, str(tiny_model_dir))  # its own tokenizer fits
+    tokenizer.add_tokens([f"newword{i}" for i in range(vocab - len(tokenizer) + 1)])
+    with pytest.raises(UserError) as error:
+        check_tokenizer_fits(tokenizer, str(tiny_model_dir))
+    assert str(error.value) == (
+        f"the tokenizer has {vocab + 1:,} tokens but the model {tiny_model_dir} has embeddings for {vocab:,}: "
+        "use the tokenizer the model was trained with (--tokenizer_name)"
+    )
+
+
+def test_an_adapter_records_a_base_that_resolves_from_anywhere(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path / "models")
+    model = apply_lora(load_model("base"), LoraArguments(lora_r=4, lora_alpha=8))  # relative, as typed
+    save_model(Accelerator(cpu=True), model, AutoTokenizer.from_pretrained("base"), tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded base still loads
+    from peft import AutoPeftModelForSeq2SeqLM
+
+    assert AutoPeftModelForSeq2SeqLM.from_pretrained(str(tmp_path / "adapter")) is not None
