@@ -201,6 +201,12 @@ class TrainingArguments:
         f"runs out (exit code {EXIT_STOPPED}; continue with --resume_from_checkpoint latest).",
         default=None,
     )
+    ddp_timeout: int = _help(
+        "Seconds a process waits for the others at a collective (gradient all-reduce, checkpoint barrier, "
+        "evaluation gather) before the job ends with an error naming the step and the process that did not "
+        "arrive. Keep it above the longest time one process can work while another waits (the HF Trainer's flag).",
+        default=1800,
+    )
     eval_steps: int | None = _help("Evaluate on the validation split every N optimizer steps.", default=None)
     eval_with_generation: bool = _help(
         "During training evaluations, also generate and compute ROUGE (slower than loss alone).", default=False
@@ -889,6 +895,7 @@ def validate(cfg: Config) -> None:
         _positive("max_time", budget)
     if t.checkpoint_dir is not None and not str(t.checkpoint_dir).strip():
         raise ConfigError("--checkpoint_dir must not be empty")
+    _positive("ddp_timeout", t.ddp_timeout, allow_none=False)
     _positive("eval_steps", t.eval_steps)
     _positive("early_stopping_patience", t.early_stopping_patience)
     if t.metric_for_best not in BEST_METRICS:

@@ -28,7 +28,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 #: The launch that really gives N communicating CPU processes, quoted in error messages.
 MULTI_CPU_HINT = "accelerate launch --config_file accelerate_configs/multi_cpu.yaml"
+#: How long a collective waits for every process by default (``--ddp_timeout``; the HF Trainer's default).
+DEFAULT_DDP_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -89,6 +94,52 @@ def launcher_command() -> list[str] | None:
     the script's flags), or None when this process was not started by it."""
     found = _launcher_argv()
     return found[0] if found is not None else None
+
+
+#: How a parent process that started this one as a worker of torch's elastic launcher is called.
+_TORCHRUN_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+
+
+def launch_command() -> list[str] | None:
+    """The real command that launched this process: ``accelerate launch ...`` or ``torchrun ...`` (the parent's
+    command line, launcher first), or None when neither started it (a plain ``python script.py``)."""
+    accelerate_args = launcher_command()
+    if accelerate_args is not None:
+        return ["accelerate", "launch", *accelerate_args]
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        import psutil
+
+        argv = psutil.Process(os.getppid()).cmdline()
+    except Exception:  # noqa: BLE001 - no psutil, no /proc: we know only that torch's launcher started us
+        return None
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) == "torchrun":
+            return ["torchrun", *argv[i + 1 :]]
+        if arg in _TORCHRUN_MODULES and i > 0 and argv[i - 1] == "-m":
+            return ["python", "-m", arg, *argv[i + 1 :]]
+    return None
+
+
+#: Environment variables that say where in a multi-process, multi-machine job a process runs.
+LAUNCH_VARIABLES = (
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_JOB_ID",
+    "SLURM_NNODES",
+    "SLURM_NODEID",
+    "SM_CURRENT_HOST",
+)
+
+
+def launch_environment() -> dict[str, str]:
+    """The launch variables of :data:`LAUNCH_VARIABLES` that are set (the main process's view)."""
+    return {name: os.environ[name] for name in LAUNCH_VARIABLES if os.environ.get(name)}
 
 
 def _parse_launch_args(argv: list[str]) -> argparse.Namespace | None:
@@ -244,10 +295,13 @@ def build_accelerator(
     gradient_accumulation_steps: int = 1,
     log_with: list[str] | None = None,
     project_dir: str | None = None,
+    ddp_timeout: int = DEFAULT_DDP_TIMEOUT_S,
 ) -> Accelerator:
     """Build the :class:`~accelerate.Accelerator` for the current launch, checked and tuned for CPU.
 
     * Without a GPU, several processes run on the CPU backend (gloo), DeepSpeed included.
+    * Every collective waits at most ``ddp_timeout`` seconds for the other processes (``--ddp_timeout``);
+      :func:`collective_timeout_error` turns a timed-out one into an error naming the process that did not come.
     * Raises :class:`UserError` when the number of processes differs from what the launcher was asked for.
     * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count, and
       the runtime settings of :mod:`dialogsum.cpu_runtime` (denormals flushed, freed memory kept).
@@ -263,7 +317,10 @@ def build_accelerator(
     kwargs_handlers: list[Any] = []
     if on_cpu and (env_world > 1 or deepspeed):
         # gloo is the CPU collective backend; DeepSpeed on CPU fails without it being named explicitly.
-        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=ddp_timeout)))
+    elif env_world > 1:
+        kwargs_handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=ddp_timeout)))
+    PROGRESS.timeout_s = ddp_timeout
     # bf16 autocast on the CPU only where it is native (emulated bf16 is slower than fp32; fp16 is refused)
     mixed_precision = cpu_mixed_precision_override() if on_cpu and not deepspeed else None
     dynamo_plugin = None
@@ -356,3 +413,186 @@ def finish(accelerator: Accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- a hung process
+
+
+@dataclass
+class Progress:
+    """Where this process is, for the error of a collective that timed out (``--ddp_timeout``)."""
+
+    where: str = "the start of the run"
+    """What the process was doing: ``training step 12``, ``evaluating on test``, ..."""
+    timeout_s: int = DEFAULT_DDP_TIMEOUT_S
+    """The collective timeout in force (``--ddp_timeout``)."""
+
+
+#: This process's :class:`Progress`, updated by the training loop and evaluation (one assignment, no I/O).
+PROGRESS = Progress()
+#: How long the processes that saw a collective time out wait for one another before naming the missing ones.
+ARRIVAL_GRACE_S = 5.0
+
+
+def mark_progress(where: str) -> None:
+    """Record what this process is doing now (named if a collective times out)."""
+    PROGRESS.where = where
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that waited longer than the timeout for another process.
+
+    gloo raises a plain ``RuntimeError`` ("[...gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting
+    10000ms for recv operation to complete"); torch's own waits say "timed out" too. (NCCL's watchdog aborts the
+    process instead, with its own "Watchdog caught collective operation timeout" line.)
+    """
+    return (
+        isinstance(exc, RuntimeError)
+        and "timed out" in str(exc).lower()
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
+def is_peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective whose peer process ended (gloo: "Connection closed by peer ... typically
+    caused by a remote worker crashing"); that process printed its own error."""
+    text = str(exc)
+    return (
+        isinstance(exc, RuntimeError)
+        and ("Connection closed by peer" in text or "Connection reset by peer" in text)
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (a timed-out all-reduce is often followed
+    by a failing barrier in a ``finally``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def collective_failure_message(exc: BaseException, store: Any | None) -> str | None:
+    """The one line for a collective that failed because of another process (timed out, or the process ended),
+    or None for any other error."""
+    chain = _chain(exc)
+    if any(is_collective_timeout(e) for e in chain):
+        return collective_timeout_message(store)
+    if any(is_peer_gone(e) for e in chain):
+        return f"a collective at {PROGRESS.where} failed: another process ended (its own error is printed above)"
+    return None
+
+
+def collective_timeout_message(store: Any | None) -> str:
+    """The one line for a timed-out collective, naming the processes that did not arrive.
+
+    Every process that saw the timeout writes its rank into the launcher's store (``store``; the process group
+    itself is unusable now) and waits :data:`ARRIVAL_GRACE_S` for the others: the ranks that never write are the
+    hung ones. Without a store, the message says so instead.
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    prefix = f"dialogsum/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    missing: list[int] | None = None
+    if store is not None:
+        try:
+            store.set(f"{prefix}{rank}", PROGRESS.where)
+            deadline = time.monotonic() + ARRIVAL_GRACE_S
+            while True:
+                missing = [r for r in range(world) if not store.check([f"{prefix}{r}"])]
+                if not missing or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        except Exception:  # noqa: BLE001 - the store is gone too: fall back to a message without names
+            missing = None
+    if missing:
+        who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {', '.join(map(str, missing))}"
+        what = f"{who} did not arrive"
+    elif missing == []:
+        what = "every process arrived late"
+    else:
+        what = "another process did not arrive"
+    return (
+        f"a collective at {PROGRESS.where} timed out after --ddp_timeout {PROGRESS.timeout_s} s: {what} (stopped, "
+        "hung on I/O or a deadlock, or far slower); every process stops here. Continue from the latest complete "
+        "checkpoint with --resume_from_checkpoint latest; raise --ddp_timeout if that process was only slow"
+    )
+
+
+# --------------------------------------------------------------------------------------------- one shared folder
+
+#: How long a process looks for the file the main process wrote (a network file system may show it late).
+SHARED_CHECK_WAIT_S = 5.0
+
+
+def _sees(probe: Path, token: str, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if probe.read_text(encoding="utf-8") == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
+def check_shared_folder(accelerator: Accelerator, folder: Path, flag: str) -> None:
+    """Refuse several processes that do not all see the same ``folder`` (before the first checkpoint).
+
+    Checkpoints are written by every process into one folder and read back by every process on a resume, so
+    machines without a shared disk would each keep part of a checkpoint and disagree on where to resume. The
+    main process writes a random token into ``folder``; after a barrier every process reads it back and the
+    answers are gathered. ``flag`` names the setting in the message.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+    import socket
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = folder / f".dialogsum-shared-check-{token[0]}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(str(token[0]), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    seen = _sees(probe, str(token[0]), SHARED_CHECK_WAIT_S)
+    answers = gather_object([(accelerator.process_index, seen, socket.gethostname())])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, ok, host in answers if not ok]
+    if blind:
+        names = ", ".join(f"{rank} (on {host})" for rank, host in blind)
+        raise UserError(
+            f"{flag} {folder} is not one folder shared by every process: rank(s) {names} do not see the file "
+            f"rank 0 wrote there. Checkpoints and resuming on several machines need a shared folder (NFS, EFS, "
+            f"FSx, a cluster file system): give one as {flag}"
+        )
+
+
+def agree_on_resume(accelerator: Accelerator, resume: Path | None) -> Path | None:
+    """The checkpoint every process resumes from: the main process's choice, checked on every process.
+
+    Each process resolved ``--resume_from_checkpoint latest`` on its own; a checkpoint completed in between
+    could make them differ, and processes resuming from different steps would deadlock or diverge.
+    """
+    if accelerator.num_processes == 1:
+        return resume
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [str(resume) if resume is not None else None]
+    broadcast_object_list(chosen)
+    agreed = Path(chosen[0]) if chosen[0] is not None else None
+    if agreed != resume:
+        logger.warning("resuming from %s, as the main process (this process found %s)", agreed, resume)
+    return agreed

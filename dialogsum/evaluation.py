@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dialogsum.config import Config, GenerationArguments
 from dialogsum.data import EvalExample, build_prompt, encode_texts
-from dialogsum.distributed import is_zero3
+from dialogsum.distributed import is_zero3, mark_progress
 from dialogsum.metrics import compute_rouge, eval_set_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def generate_summaries(
     """Summaries for ``dialogues`` in their original order; the work is split over all processes."""
     if not dialogues:
         return []
+    mark_progress(desc)  # named if a collective times out while generating
     prompts = [build_prompt(d, prompt_template) for d in dialogues]
     ids, truncated = encode_texts(tokenizer, prompts, max_source_length)
     if truncated:

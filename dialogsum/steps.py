@@ -31,7 +31,13 @@ from dialogsum.data import (
     eval_examples,
     tokenize_rows,
 )
-from dialogsum.distributed import compiles, set_deepspeed_micro_batch, topology
+from dialogsum.distributed import (
+    agree_on_resume,
+    check_shared_folder,
+    compiles,
+    set_deepspeed_micro_batch,
+    topology,
+)
 from dialogsum.errors import UserError
 from dialogsum.evaluation import evaluate_with_config, evaluation_loss
 from dialogsum.files import write_json, write_jsonl
@@ -135,11 +141,16 @@ def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
 
 
 def check_and_seed(cfg: Config, run: RunPlan, accelerator: Any) -> None:
-    """Refuse fp16 with T5 and a checkpoint made with other settings (in seconds, before loading anything); then
+    """Refuse fp16 with T5, a checkpoint folder not shared by every process and a checkpoint made with other
+    settings (in seconds, before loading anything); every process takes the main process's resume point; then
     seed every RNG."""
     from accelerate.utils import set_seed
 
     check_mixed_precision(accelerator.mixed_precision, cfg.model.model_name_or_path)
+    if cfg.train.do_train:  # several machines: one checkpoint folder that all of them see, one resume step
+        flag = "--checkpoint_dir" if cfg.train.checkpoint_dir else "--output_dir"
+        check_shared_folder(accelerator, checkpoint_root(cfg), flag)
+        run.resume = agree_on_resume(accelerator, run.resume)
     if run.resume is not None:
         check_compatible(read_state(run.resume), cfg, accelerator.num_processes, run.resume)
     set_seed(cfg.train.seed)

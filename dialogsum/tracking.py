@@ -303,17 +303,18 @@ def launch_topology(accelerator: Any) -> dict[str, Any]:
 
 
 def provenance(cfg: Config) -> dict[str, Any]:
-    """Where a result comes from, for ``metrics.json``: the command line (the ``accelerate launch`` command when
-    that launcher started this process; secrets masked), the git commit of the code (+ dirty flag) and the
-    package versions."""
+    """Where a result comes from, for ``metrics.json``: the command line (the ``accelerate launch`` or ``torchrun``
+    command when a launcher started this process; secrets masked), the git commit of the code (+ dirty flag), the
+    package versions and the launch variables (world size, node rank, SLURM job, ...)."""
     import shlex
 
     from dialogsum.config import mask_secrets
-    from dialogsum.distributed import launcher_command
+    from dialogsum.distributed import launch_command, launch_environment
 
-    launched = launcher_command()
-    command = shlex.join(["accelerate", "launch", *mask_secrets(launched)]) if launched else cfg.command
-    return {"command": command, **git_info(), "package_versions": package_versions()}
+    launched = launch_command()  # accelerate launch ... / torchrun ...
+    command = shlex.join(mask_secrets(launched)) if launched else cfg.command
+    provenance = {"command": command, **git_info(), "package_versions": package_versions()}
+    return {**provenance, "launch_environment": launch_environment()}
 
 
 @dataclass(frozen=True)

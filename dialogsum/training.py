@@ -46,6 +46,7 @@ from dialogsum.checkpointing import (
 )
 from dialogsum.config import Config, checkpoint_every, idle_settings, warn_once
 from dialogsum.data import LengthGroupedBatchSampler
+from dialogsum.distributed import mark_progress
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, jsonl_text, read_jsonl, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
@@ -259,6 +260,7 @@ def train_loop(
             if state.step >= total_steps:  # resumed from the last step's checkpoint: nothing left to train
                 break
             started = time.perf_counter()
+            mark_progress(f"training step {state.step + 1}")  # named if a collective of this step times out
             # one all-reduce: the window's target tokens, and the processes' votes to stop (signal, time)
             targets, weights, window_targets, votes = token_weights(accelerator, window, stop.votes(state.step + 1))
             if any(votes):

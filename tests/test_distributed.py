@@ -6,8 +6,10 @@ training scripts then run on 2 CPU processes over gloo with the quickstart model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -328,3 +330,120 @@ def test_accumulation_matches_processes(two_process_run, quickstart_assets: tupl
         if name in start:
             moved = max(moved, float((a[name] - start[name]).abs().max()))
     assert moved > 1e-3, "training must have changed the weights for the comparison to mean anything"
+
+
+# ------------------------------------------------------------------------- a failing or hung process
+
+#: A script whose rank $FAIL_RANK alone raises a UserError (as a file only that process cannot read would).
+FAILING_RANK = """
+import os
+from dialogsum.cli import run_cli
+from dialogsum.errors import UserError
+
+def main(argv):
+    from dialogsum.distributed import build_accelerator, finish
+    accelerator = build_accelerator()
+    if accelerator.process_index == int(os.environ["FAIL_RANK"]):
+        raise UserError(f"cannot read shard-{accelerator.process_index}.jsonl")
+    accelerator.wait_for_everyone()
+    finish(accelerator)
+
+run_cli(main)
+"""
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """Our own lines (``error: ...`` / ``[rank N] error: ...``), without the launcher's report."""
+    return [line for line in stderr.splitlines() if line.startswith(("error: ", "[rank "))]
+
+
+def torchrun(args: list[str], **env: str) -> list[str]:
+    """``torchrun`` (torch's own launcher, no accelerate) with ``args``."""
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def test_a_rank_failing_alone_prints_its_own_line(tmp_path: Path) -> None:
+    """Only rank 1 fails: it says so itself, prefixed by its rank; rank 0 says one line, no gloo traceback."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    cmd = torchrun(["--nproc_per_node", "2", str(script)])
+    proc = run_script(cmd, timeout=180, env=subprocess_env(FAIL_RANK="1", OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert _error_lines(proc.stderr) == [
+        "[rank 1] error: cannot read shard-1.jsonl",
+        "error: a collective at the start of the run failed: another process ended (its own error is printed above)",
+    ], proc.stderr[-3000:]
+    assert "]: Traceback" not in proc.stderr  # no process's traceback ([rank0]: ...), only the launcher's report
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the launched process with RANK=rank (a child of the launcher)."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+#: Short, yet long enough for the two processes' start (imports, model load) on a busy 2-core machine.
+DDP_TIMEOUT_S = 15
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_with_its_name(quickstart_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGSTOP rank 1 after a checkpoint: within --ddp_timeout (+ a few seconds) rank 0 says which rank did not
+    arrive and at which step, the job ends non-zero, and the latest checkpoint is complete."""
+    import signal
+    import time
+
+    from dialogsum.checkpointing import check_checkpoint_files, find_latest, read_state
+
+    model, data = quickstart_assets  # built beforehand: building them is a long wait for rank 1 (over 10 s)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_cpu.yaml")]
+    cmd += [str(REPO / "scripts" / "train_full.py"), "--model_name_or_path", str(model), "--output_dir", str(out)]
+    cmd += ["--train_file", str(data / "train.jsonl"), "--do_eval", "false", "--report_to", "none"]
+    cmd += ["--max_source_length", "96", "--max_target_length", "32", "--per_device_train_batch_size", "4"]
+    cmd += ["--max_train_steps", "100000", "--checkpointing_steps", "3", "--save_total_limit", "2"]
+    cmd += ["--ddp_timeout", str(DDP_TIMEOUT_S)]
+    err = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env(), cwd=str(REPO))
+    stopped = None
+    try:
+        deadline = time.monotonic() + 300
+        while find_latest(out) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stopped = _rank_pid(proc, 1)
+        assert stopped is not None and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        os.kill(stopped, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        code = proc.wait(timeout=300)
+        ended_after = time.monotonic() - stopped_at
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):  # the launcher kills it once the others have ended
+                os.kill(stopped, signal.SIGKILL)  # a stopped process ends only on SIGKILL
+        if proc.poll() is None:
+            proc.kill()
+        err.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    print(f"job ended {ended_after:.1f} s after SIGSTOP (--ddp_timeout {DDP_TIMEOUT_S})")
+    assert code != 0
+    lines = _error_lines(stderr)
+    assert len(lines) == 1, stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: a collective at training step \d+ timed out after --ddp_timeout {DDP_TIMEOUT_S} s: rank 1 did not "
+        r"arrive \(stopped, hung on I/O or a deadlock, or far slower\); every process stops here\. Continue from the "
+        r"latest complete checkpoint with --resume_from_checkpoint latest; raise --ddp_timeout if that process "
+        r"was only slow",
+        lines[0],
+    ), lines[0]
+    latest = find_latest(out)
+    assert latest is not None
+    check_checkpoint_files(latest)  # complete: every listed file there and readable
+    assert read_state(latest).step % 3 == 0
+    assert not list(out.glob("checkpoint-*.tmp"))
