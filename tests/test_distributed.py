@@ -10,6 +10,9 @@ import contextlib
 import json
 import os
 import re
+import shlex
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -447,3 +450,127 @@ def test_a_stopped_rank_ends_the_job_with_its_name(quickstart_assets: tuple[Path
     check_checkpoint_files(latest)  # complete: every listed file there and readable
     assert read_state(latest).step % 3 == 0
     assert not list(out.glob("checkpoint-*.tmp"))
+
+
+# ------------------------------------------------------------------------- torchrun and SLURM (docs/multi-node.md)
+
+MULTI_NODE_DOC = REPO / "docs" / "multi-node.md"
+
+
+def slurm_launch_lines() -> dict[str, str]:
+    """The two ``srun`` lines of the sbatch example in docs/multi-node.md (continuations joined, the torchrun one
+    uncommented), by launcher: ``{"accelerate": ..., "torchrun": ...}``."""
+    block = MULTI_NODE_DOC.read_text().split("```bash\n#!/bin/bash\n", 1)[1].split("```", 1)[0]
+    lines, current = [], ""
+    for raw in block.splitlines():
+        line = raw[2:] if raw.startswith("# srun") or (current and raw.startswith("#     ")) else raw
+        current += line.rstrip("\\").strip() + " " if current or line.startswith("srun ") else ""
+        if current and not line.endswith("\\"):
+            lines.append(current.strip())
+            current = ""
+    return {line.split('"')[1].split()[0]: line for line in lines}
+
+
+def test_slurm_example_escapes_the_node_id() -> None:
+    lines = slurm_launch_lines()
+    assert sorted(lines) == ["accelerate", "torchrun"]
+    for line in lines.values():
+        assert line.startswith('srun bash -c "') and line.endswith('$TRAIN"')
+        assert "\\$SLURM_NODEID" in line  # expanded by each machine's task, not by the batch script
+        assert "$SLURM_NNODES" in line and "\\$SLURM_NNODES" not in line
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_slurm_line(
+    launcher: str, nodes: int, per_node: int, out: Path, extra: list[str] | None = None, unshared: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run the doc's srun line for ``launcher`` on this machine as ``nodes`` pretend machines x ``per_node``
+    processes: ``srun`` starts one background task per node with its own SLURM_NODEID (the batch script's own
+    SLURM_NODEID is a wrong value, so an unescaped one would fail). ``unshared``: node 1 runs in its own mount
+    namespace with an empty tmpfs over that folder (a machine that does not share it)."""
+    line = slurm_launch_lines()[launcher].replace("accelerate_configs/multi_gpu.yaml", str(CONFIGS / "multi_cpu.yaml"))
+    train = shlex.join([str(REPO / "scripts" / "train_full.py"), *FAST, "--output_dir", str(out), *(extra or [])])
+    wrap = ""
+    if unshared is not None:
+        mount = f'mount -t tmpfs none {shlex.quote(str(unshared))} && exec "$@"'
+        wrap = f'if [ $n = 1 ]; then set -- unshare -Urm sh -c {shlex.quote(mount)} sh "$@"; fi; '
+    script = f"""
+export SLURM_NNODES={nodes} SLURM_NODEID=7 MASTER_ADDR=127.0.0.1 MASTER_PORT={free_port()}
+GPUS_PER_NODE={per_node}
+TRAIN={shlex.quote(train)}
+srun() {{
+  pids=""
+  for n in $(seq 0 $((SLURM_NNODES - 1))); do
+    ( {wrap}SLURM_NODEID=$n exec "$@" ) & pids="$pids $!"
+  done
+  status=0
+  for p in $pids; do wait $p || status=$?; done
+  return $status
+}}
+{line}
+"""
+    env = subprocess_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    return run_script(["bash", "-c", script], timeout=600, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("two_process_run", ["full"], indirect=True)
+@pytest.mark.parametrize(
+    ("launcher", "nodes", "per_node"),
+    [("accelerate", 1, 2), ("torchrun", 1, 2), ("torchrun", 2, 1)],
+    ids=["accelerate-1x2", "torchrun-1x2", "torchrun-2x1"],
+)
+def test_slurm_lines_train_like_accelerate_launch(
+    two_process_run, launcher: str, nodes: int, per_node: int, tmp_path: Path
+) -> None:
+    """The doc's srun lines, run here: the same weights and losses as `accelerate launch` with multi_cpu.yaml,
+    and metrics.json names the real launcher."""
+    _, reference, first, _ = two_process_run
+    assert first.returncode == 0
+    out = tmp_path / "out"
+    proc = run_slurm_line(launcher, nodes, per_node, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = _read_metrics(out)
+    assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
+    expected = ["accelerate", "launch"] if launcher == "accelerate" else ["torchrun"]
+    assert shlex.split(metrics["command"])[: len(expected)] == expected
+    assert f"--nnodes {nodes}" in metrics["command"] or launcher == "accelerate"
+    assert metrics["launch_environment"]["WORLD_SIZE"] == "2"
+    assert metrics["launch_environment"]["SLURM_NNODES"] == str(nodes)
+    assert metrics["launch_environment"]["SLURM_NODEID"] == "0"  # the main process's own node
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    losses = [[h["loss"] for h in _history(o) if "loss" in h] for o in (out, reference)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_machines_without_a_shared_folder_are_refused(tmp_path: Path) -> None:
+    """Two pretend machines (torchrun 2 x 1); the second sees its own empty folder at the --checkpoint_dir path
+    (a tmpfs in its own mount namespace): refused before training, with one line, on every process."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], check=False).returncode:
+        pytest.skip("needs unshare (user and mount namespaces) to give one process its own folder")
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    out = tmp_path / "out"
+    proc = run_slurm_line("torchrun", 2, 1, out, ["--checkpoint_dir", str(checkpoints)], unshared=checkpoints)
+    assert proc.returncode != 0
+    assert _error_lines(proc.stderr) == [
+        f"error: --checkpoint_dir {checkpoints} is not one folder shared by every process: rank(s) 1 (on "
+        f"{socket.gethostname()}) do not see the file rank 0 wrote there. Checkpoints and resuming on several "
+        "machines need a shared folder (NFS, EFS, FSx, a cluster file system): give one as --checkpoint_dir"
+    ], proc.stderr[-4000:]
+    assert list(checkpoints.iterdir()) == []  # nothing trained, nothing saved, the probe file removed
