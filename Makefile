@@ -29,7 +29,7 @@ lab: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/lab.py --quickstart --output_dir $(LAB_DIR) --overwrite_output_dir
 
 test: install
-	$(BIN)/ruff check dialogsum scripts tests
+	$(BIN)/ruff check dialogsum tools scripts tests
 	$(BIN)/python -m pytest -q
 
 floors:

@@ -7,8 +7,13 @@ Prints a table (s/step, real tokens/s, samples/s, padding, peak memory, speed-up
 and writes every figure to --output_json. See docs/benchmarks.md for the method and the figures of this project.
 """
 
-from dialogsum.cli import run_cli
-from dialogsum.devtools.benchmark import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ lives in the checkout, not in the wheel
+
+from dialogsum.cli import run_cli  # noqa: E402
+from tools.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(main)

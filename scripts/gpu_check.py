@@ -6,10 +6,15 @@
 
 Full and LoRA with the shipped launcher configs (bf16, compiled): single GPU, DeepSpeed ZeRO-2/ZeRO-3 and FSDP
 with one process, gradient checkpointing off/on; prints tokens/s, MFU, peak GPU memory, step time and whether the
-run compiled (`--parallel N`: N runs at a time). Details: dialogsum/devtools/gpu_check.py.
+run compiled (`--parallel N`: N runs at a time). Details: tools/gpu_check.py.
 """
 
-from dialogsum.devtools.gpu_check import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ lives in the checkout, not in the wheel
+
+from tools.gpu_check import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

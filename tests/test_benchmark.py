@@ -15,10 +15,12 @@ import pytest
 import torch
 from helpers import HANG_TIMEOUT_S, REPO, run_script
 
-from dialogsum.devtools.benchmark import CONFIG_DIR, _representative_batches, _worker_env, parse_args, plan_cases
-from dialogsum.devtools.flops import T5Dims, forward_flops, training_flops, training_flops_per_token
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.precision import cpu_bf16_feature, resolve_cpu_precision
+from tools.benchmark import parse_args, plan_cases
+from tools.benchmark.launch import CONFIG_DIR, worker_env
+from tools.benchmark.pool import _representative_batches
+from tools.flops import T5Dims, forward_flops, training_flops, training_flops_per_token
 
 # --------------------------------------------------------------------------------------------- end to end
 
@@ -192,17 +194,17 @@ def test_gpu_plan_covers_eager_compiled_buckets_lora_budgets_and_zero2() -> None
 def test_case_processes_get_what_accelerate_launch_exports() -> None:
     cases = {c.name: c for c in plan_cases("bf16", True, compiled=True, gpu=True, token_budgets=(16384,))}
     gpu = CONFIG_DIR / "single_gpu.yaml"
-    default = _worker_env(cases["full-grouped-bf16-compiled"], gpu)
+    default = worker_env(cases["full-grouped-bf16-compiled"], gpu)
     assert default["ACCELERATE_MIXED_PRECISION"] == "bf16" and default["ACCELERATE_DYNAMO_BACKEND"] == "INDUCTOR"
     assert default["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "True"
     assert default["ACCELERATE_DYNAMO_USE_DYNAMIC"] == "True" and default["WORLD_SIZE"] is None
-    eager = _worker_env(cases["full-grouped-fp32"], gpu)
+    eager = worker_env(cases["full-grouped-fp32"], gpu)
     assert eager["ACCELERATE_DYNAMO_BACKEND"] == "NO" and eager["ACCELERATE_MIXED_PRECISION"] == "no"
-    zero2 = _worker_env(cases["zero2-full-grouped-bf16-compiled"], gpu)
+    zero2 = worker_env(cases["zero2-full-grouped-bf16-compiled"], gpu)
     assert zero2["ACCELERATE_USE_DEEPSPEED"] == "true" and zero2["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
     assert zero2["ACCELERATE_DYNAMO_BACKEND"] == "INDUCTOR"  # passed on, as build_accelerator does for DeepSpeed
     assert (zero2["WORLD_SIZE"], zero2["RANK"], zero2["MASTER_ADDR"]) == ("1", "0", "127.0.0.1")
-    reference = _worker_env(cases["reference"], gpu)
+    reference = worker_env(cases["reference"], gpu)
     assert reference["ACCELERATE_MIXED_PRECISION"] == "no"
     assert all(
         v is None for k, v in reference.items() if k.startswith("ACCELERATE_") and k != "ACCELERATE_MIXED_PRECISION"
@@ -242,13 +244,13 @@ def test_compiled_token_budget_case_runs_and_reports_compile_time(
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    changes = _worker_env(case, CONFIG_DIR / "cpu.yaml")
+    changes = worker_env(case, CONFIG_DIR / "cpu.yaml")
     env.update({k: v for k, v in changes.items() if v is not None})
     # aot_eager: dynamo and autograd tracing without inductor's code generation (compiles in seconds here);
     # inductor itself is checked in test_compile.py
     assert env["ACCELERATE_DYNAMO_BACKEND"] == "INDUCTOR"
     env.update(ACCELERATE_DYNAMO_BACKEND="AOT_EAGER", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    code = "import sys; from dialogsum.devtools.benchmark import run_worker; run_worker(sys.argv[1], sys.argv[2])"
+    code = "import sys; from tools.benchmark.worker import run_worker; run_worker(sys.argv[1], sys.argv[2])"
     cmd = [sys.executable, "-c", code, str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -328,8 +330,8 @@ def test_missing_inputs_fail_fast_with_one_line(tmp_path: Path, tiny_model_dir: 
 
 
 def test_too_small_data_file_is_refused(tmp_path: Path, tiny_model_dir: Path, synthetic_data_dir: Path) -> None:
-    from dialogsum.devtools.benchmark import build_pool
     from dialogsum.modeling import load_tokenizer
+    from tools.benchmark.pool import build_pool
 
     rows = (synthetic_data_dir / "test.jsonl").read_text().splitlines()[:10]
     small = tmp_path / "small.jsonl"

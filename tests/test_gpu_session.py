@@ -1,4 +1,4 @@
-"""The prepared GPU session (dialogsum/devtools/gpu_session.py), checked here so that it runs at once on a device.
+"""The prepared GPU session (tools/gpu_session.py), checked here so that it runs at once on a device.
 
 No GPU and no registry: ``prepare --skip_wheels`` copies the model and data files; every command of the device run
 parses with its script's own parser, names cases that exist in the GPU plan, and fits the device tool's limits;
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_script
 
-from dialogsum.devtools import benchmark, gpu_check
-from dialogsum.devtools.gpu_session import EXTRA_CASES, MODEL_FILES, Layout, phases, prepare
+from tools import benchmark, gpu_check
+from tools.gpu_session import EXTRA_CASES, MODEL_FILES, Layout, phases, prepare
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_device_commands_parse_and_name_existing_cases(tmp_path: Path, layout: L
 
 def test_run_without_a_gpu_stops_at_once_and_says_what_it_needs(tmp_path: Path, layout: Layout) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dialogsum.devtools.gpu_session", "run", "--out", str(out), "--root", str(layout.root)]
+    cmd = [sys.executable, "-m", "tools.gpu_session", "run", "--out", str(out), "--root", str(layout.root)]
     proc = run_script(cmd)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     env = json.loads((out / "env.json").read_text())
@@ -67,6 +67,6 @@ def test_run_without_a_gpu_stops_at_once_and_says_what_it_needs(tmp_path: Path, 
 
 
 def test_run_without_prepare_says_so(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "dialogsum.devtools.gpu_session", "run", "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "tools.gpu_session", "run", "--out", str(tmp_path / "out")]
     proc = run_script([*cmd, "--root", str(tmp_path / "nothing")], cwd=REPO)
     assert proc.returncode == 2 and "gpu_session prepare" in proc.stdout

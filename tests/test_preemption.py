@@ -1,7 +1,7 @@
 """Preemption under real signals and real processes: graceful stop, --max_time, SageMaker spot, one dashboard run,
 one error line, and a short soak.
 
-Every chain trains the setup of :mod:`dialogsum.devtools.soak` (tiny T5 with dropout, 60 steps, a checkpoint every 3,
+Every chain trains the setup of :mod:`tools.soak` (tiny T5 with dropout, 60 steps, a checkpoint every 3,
 a log line every 4) and is compared with one uninterrupted reference run per setup (full/LoRA x 1/2 processes),
 shared by all tests here: the weights bit for bit, the log (step, loss, learning rate, grad norm) and train_loss.
 """
@@ -26,11 +26,11 @@ from wandb_records import load_run, read_records
 from dialogsum import preemption
 from dialogsum.checkpointing import find_latest, read_state
 from dialogsum.config import SAGEMAKER_CHECKPOINT_DIR, parse_config
-from dialogsum.devtools import soak
-from dialogsum.devtools.soak import TRAIN_FLAGS, Setup
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.preemption import EXIT_STOPPED, StopRequest, parse_duration
 from dialogsum.run_folder import check_output_dir
+from tools import soak
+from tools.soak import TRAIN_FLAGS, Setup
 
 FULL_1P, LORA_1P, FULL_2P, LORA_2P = Setup("full", 1), Setup("lora", 1), Setup("full", 2), Setup("lora", 2)
 

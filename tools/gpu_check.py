@@ -15,7 +15,7 @@ after every run. The numbers say whether each path works and how fast; ROUGE of 
 and not shown. ``--parallel N`` runs N at a time (to fit a short lease: the runs then share the GPU and the
 host, so their speeds are lower bounds, marked as such).
 
-MFU uses the benchmark's FLOP formula (:mod:`dialogsum.devtools.flops`): the mean training FLOPs per real token
+MFU uses the benchmark's FLOP formula (:mod:`tools.flops`): the mean training FLOPs per real token
 of the data file times the run's real tokens/s, over the GPU's dense bf16 peak (``--peak_tflops``, else known by
 the GPU's name).
 ``--cpu`` runs the same plan on CPU (cpu.yaml, DeepSpeed on gloo) to check the script without a GPU.
@@ -35,11 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dialogsum.devtools.flops import T5Dims, mfu, training_flops_per_token
 from dialogsum.files import write_json, write_text
 from dialogsum.formatting import markdown_table
+from tools import REPO
+from tools.flops import T5Dims, mfu, training_flops_per_token
 
-REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 
 #: Dense bf16 peak TFLOP/s by GPU name (tensor cores, no sparsity).

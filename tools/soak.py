@@ -31,8 +31,8 @@ from typing import Any
 
 from dialogsum.errors import ConfigError
 from dialogsum.files import write_json
+from tools import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 KINDS = ("SIGKILL", "SIGTERM")
 #: The training every setup runs: 24 rows in batches of 4, 2 micro-batches per optimizer step (one process: 3
 #: steps per epoch; two: 2), 60 steps, a checkpoint every 3 steps and a log line every 4 (log windows straddle

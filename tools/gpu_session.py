@@ -2,8 +2,8 @@
 
 Two steps, the first here, the second on the device::
 
-    python -m dialogsum.devtools.gpu_session prepare     # here: needs the package registry, not a GPU
-    python3 -m dialogsum.devtools.gpu_session run        # on the device, from the repository root
+    python -m tools.gpu_session prepare     # here: needs the package registry, not a GPU
+    python3 -m tools.gpu_session run        # on the device, from the repository root
 
 ``prepare`` fills ``.gpu_session/`` in the repository root (listed in ``.git/info/exclude``, so it never gets
 committed; the device tool carries it with ``carry: [".gpu_session"]``):
@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tools import REPO
+
 SESSION = REPO / ".gpu_session"
 SITE = Path("/tmp/site")
 
@@ -152,7 +153,7 @@ def prepare(shared: Path, layout: Layout = DEFAULT_LAYOUT, skip_wheels: bool = F
     return [
         f"prepared {layout.root} ({size:.1f} MB; the device tool carries at most 64 MB with the repository)",
         'on the device (run tool), with carry [".gpu_session"] and timeout_s 600:',
-        "  python3 -m dialogsum.devtools.gpu_session run",
+        "  python3 -m tools.gpu_session run",
     ]
 
 
@@ -240,7 +241,7 @@ def check_environment(session: Session, layout: Layout) -> dict[str, str] | None
             "    try: print(n, m.version(n))\n"
             "    except Exception as e: print(n, 'MISSING', type(e).__name__)\n"
             "print('gpu', torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))\n"
-            "import dialogsum.devtools.benchmark, dialogsum.metrics\n"
+            "import tools.benchmark, dialogsum.metrics\n"
         )
         proc = subprocess.run([sys.executable, "-c", versions], capture_output=True, text=True, env=env, cwd=str(REPO))
         info["packages"] = (proc.stdout + proc.stderr).strip()[-2000:]
@@ -248,7 +249,7 @@ def check_environment(session: Session, layout: Layout) -> dict[str, str] | None
     if not ok:
         info["needs"] = (
             "python3 with a CUDA build of torch that sees a GPU, and the project's packages: run "
-            "`python -m dialogsum.devtools.gpu_session prepare` on a machine with the package registry and carry "
+            "`python -m tools.gpu_session prepare` on a machine with the package registry and carry "
             ".gpu_session (wheels for transformers, accelerate, peft, deepspeed, rouge_score, ...)"
         )
     smi = shutil.which("nvidia-smi")
@@ -288,7 +289,7 @@ def run(out: Path, seconds: float, tmp: Path, layout: Layout = DEFAULT_LAYOUT) -
     session.log(f"gpu session in {REPO}, results in {out}, deadline in {seconds:.0f} s")
     for path in (layout.model / "config.json", layout.data):
         if not path.is_file():
-            session.log(f"error: {path} missing: run `python -m dialogsum.devtools.gpu_session prepare` first")
+            session.log(f"error: {path} missing: run `python -m tools.gpu_session prepare` first")
             return 2
     env = check_environment(session, layout)
     if env is None:
