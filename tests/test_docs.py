@@ -68,12 +68,13 @@ def test_readme_links_every_page_and_shows_the_ci_command() -> None:
     readme = (REPO / "README.md").read_text()
     assert re.search(r"^make test\s+#", readme, re.M) and re.search(r"^make floors\s+#", readme, re.M)
     make_test = (REPO / "Makefile").read_text().split("\ntest: install\n")[1].split("\n\n")[0]
-    assert make_test.split("\n") == ["\t$(BIN)/ruff check dialogsum scripts tests", "\t$(BIN)/python -m pytest -q"]
+    ruff = "\t$(BIN)/ruff check dialogsum tools scripts tests"
+    assert make_test.split("\n") == [ruff, "\t$(BIN)/python -m pytest -q"]
 
 
 def test_no_reference_to_the_old_benchmarks_file() -> None:
     """BENCHMARKS.md moved to docs/benchmarks.md (and its split pages): nothing points at the old name."""
     texts = [*REPO.glob("*.md"), *PAGES, REPO / "Makefile", REPO / "pyproject.toml", REPO / ".ci" / "run"]
-    for folder in ("dialogsum", "scripts", "tests", "accelerate_configs"):
+    for folder in ("dialogsum", "tools", "scripts", "tests", "accelerate_configs"):
         texts += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".yaml") and p.name != "test_docs.py"]
     assert [str(p.relative_to(REPO)) for p in texts if "BENCHMARKS.md" in p.read_text()] == []
