@@ -248,7 +248,8 @@ def check_table_input(path: str | Path, what: str = "data file") -> None:
     """Cheap early check (nothing read, so a pipe stays unread): the path can be read, and a regular file's
     name says a table format."""
     if input_kind(path, what) == "file" and table_format(path) is None:
-        suffix = "".join(Path(path).suffixes[-2:]) or "(none)"
+        name = Path(path)
+        suffix = "".join(name.suffixes[-2:]) if name.suffix.lower() == ".gz" else name.suffix or "(none)"
         raise UserError(f"unsupported {what} type {suffix} for {path}; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
