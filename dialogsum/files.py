@@ -26,8 +26,6 @@ SUPPORTED_EXTENSIONS = (*TABLE_FORMATS, *COMPRESSED_FORMATS)
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
-#: Nesting depth json/yaml parse recursively; deeper input is refused as one line (not a RecursionError).
-_MAX_NESTING = 200
 # A JSON escape of a lone UTF-16 surrogate (\ud800): json.loads accepts it, but the string is not text (it
 # cannot be encoded, tokenized or written back)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -142,45 +140,23 @@ def _no_lone_surrogates(value: Any, source: str) -> None:
             _no_lone_surrogates(item, source)
 
 
-def _nesting_ok(text: str, limit: int = _MAX_NESTING) -> bool:
-    """Whether JSON ``text`` nests brackets at most ``limit`` deep (counted outside strings)."""
-    if text.count("[") + text.count("{") <= limit:
-        return True
-    depth = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return False
-        elif char in "]}":
-            depth -= 1
-    return True
-
-
 def parse_json(text: str, source: str, one_line: bool = False) -> Any:
     """JSON text parsed; invalid, too deeply nested or otherwise unreadable JSON is one :class:`UserError`
     (``one_line``: the text is one line of a file, named in ``source``)."""
-    if not _nesting_ok(text):
-        raise UserError(f"{source} is not usable JSON: nested more than {_MAX_NESTING} levels deep")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         where = "" if one_line else f" at line {exc.lineno}"
         raise UserError(f"{source} is not valid JSON ({exc.msg}{where})") from exc
-    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits
+    except RecursionError as exc:  # json's parser counts its depth against the recursion limit (~1000)
+        raise UserError(f"{source} is not usable JSON: nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise UserError(f"{source} is not usable JSON ({str(exc).splitlines()[0][:200]})") from exc
     if _SURROGATE_ESCAPE.search(text):
-        _no_lone_surrogates(data, source)
+        try:
+            _no_lone_surrogates(data, source)
+        except RecursionError as exc:
+            raise UserError(f"{source} is not usable JSON: nested too deeply") from exc
     return data
 
 
@@ -207,17 +183,24 @@ def json_object_or_none(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def parse_jsonl(text: str, source: str) -> list[Row]:
+def parse_jsonl(text: str, source: str, cut_end_ok: bool = False) -> list[Row]:
     """JSON lines into a list of objects (blank lines skipped); a bad line is an error naming it.
 
     Lines end at ``\n`` only (``\r\n`` too): JSON strings may hold U+2028, U+0085 and the other characters that
-    ``str.splitlines`` also breaks at.
+    ``str.splitlines`` also breaks at. ``cut_end_ok``: a last line without its ``\n`` that does not parse is left
+    out (a log a killed process was appending to), not an error.
     """
     rows: list[Row] = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip(" \t\r"):
             continue
-        row = parse_json(line, f"{source}: line {number}", one_line=True)
+        try:
+            row = parse_json(line, f"{source}: line {number}", one_line=True)
+        except UserError:
+            if cut_end_ok and number == len(lines):
+                break
+            raise
         if not isinstance(row, dict):
             raise UserError(f"{source}: line {number} is not a JSON object")
         rows.append(row)

@@ -48,7 +48,7 @@ from dialogsum.config import Config, checkpoint_every, idle_settings, warn_once
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.distributed import mark_progress
 from dialogsum.errors import UserError
-from dialogsum.files import json_object_or_none, jsonl_text, read_jsonl, write_jsonl, write_text
+from dialogsum.files import json_object_or_none, jsonl_text, parse_jsonl, read_text, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
 from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, resend_lost_events, tracked_values
 
@@ -673,7 +673,7 @@ class History:
         if source is not None and not source.exists() and checkpoint is not None:
             source = checkpoint / HISTORY_FILE
         if source is not None and source.exists() and keep_from_step:
-            kept = read_jsonl(source, "log history")
+            kept = parse_jsonl(read_text(source, "log history"), str(source), cut_end_ok=True)  # a kill mid-line
             self.events = [e for e in kept if e.get("step", 0) <= keep_from_step]
             write_jsonl(self.path, self.events)
         elif self.path is not None:

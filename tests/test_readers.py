@@ -232,7 +232,7 @@ def test_a_repeated_csv_column_is_refused(tmp_path: Path) -> None:
 def test_deeply_nested_json_is_one_line(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"train{suffix}"
     path.write_text('{"dialogue": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
-    with pytest.raises(UserError, match="nested more than 200 levels deep"):
+    with pytest.raises(UserError, match="is not usable JSON: nested too deeply"):
         read_rows(path)
 
 
@@ -261,3 +261,14 @@ def test_a_config_or_state_of_the_wrong_json_type(tmp_path: Path, text: str) -> 
         check_model_source(str(tmp_path))
     with pytest.raises(UserError, match="metrics.json must hold a JSON object"):
         _load_metrics(tmp_path / "metrics.json")
+
+
+def test_a_log_cut_mid_line_keeps_its_whole_lines(tmp_path: Path) -> None:
+    from dialogsum.files import parse_jsonl
+
+    text = jsonl_text([{"step": 1}, {"step": 2}]) + '{"step": 3, "lo'
+    assert parse_jsonl(text, "log", cut_end_ok=True) == [{"step": 1}, {"step": 2}]
+    with pytest.raises(UserError, match="log: line 3 is not valid JSON"):
+        parse_jsonl(text, "log")
+    with pytest.raises(UserError, match="log: line 2 is not valid JSON"):  # only the unfinished last line may go
+        parse_jsonl('{"step": 1}\n{"st\n{"step": 3}\n', "log", cut_end_ok=True)
