@@ -399,17 +399,54 @@ def save_model_files(accelerator: Any, model: torch.nn.Module, tokenizer: Any, o
     for every checkpoint.
 
     Every process must call this: under DeepSpeed ZeRO-3 ``get_state_dict`` gathers the partitioned weights
-    (consolidated, so the folder loads with a plain ``from_pretrained``).
+    (consolidated, so the folder loads with a plain ``from_pretrained``). Under DeepSpeed with bf16 (or fp16) the
+    trained weights are saved from DeepSpeed's fp32 master copy (:func:`deepspeed_master_weights`), not from the
+    rounded copy the model computes with.
     """
     out = Path(output_dir)
     state_dict = accelerator.get_state_dict(model)
+    masters = deepspeed_master_weights(accelerator, model)
     if state_dict is not None:
+        state_dict.update({name: value for name, value in masters.items() if name in state_dict})
         # a model compiled by regions (the GPU launcher configs) names its tensors "<block>._orig_mod.<name>"
         state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         write_model_folder(unwrapped, tokenizer, out, state_dict=state_dict, save_function=accelerator.save)
     accelerator.wait_for_everyone()
+
+
+def deepspeed_master_weights(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 master values of the trained parameters when DeepSpeed trains in bf16 or fp16, by name (every
+    name of a shared tensor); empty otherwise. Every process must call this (the values are gathered).
+
+    DeepSpeed's bf16/fp16 mode keeps the model itself in 16 bits and the optimizer's fp32 copy as the true
+    weights: ``get_state_dict`` (ZeRO-2: the module's ``state_dict``; ZeRO-3: the consolidated 16-bit weights)
+    returns the 16-bit copy, in which updates below bf16's resolution are lost. These are the values DeepSpeed's
+    ``zero_to_fp32`` recovers from a checkpoint. Frozen parameters (a LoRA base) have no master copy and keep
+    the values they were loaded with.
+    """
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not hasattr(model, "bfloat16_enabled"):
+        return {}
+    if not (model.bfloat16_enabled() or model.fp16_enabled()):  # ``model`` is the DeepSpeed engine
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, param in model.module.named_parameters(remove_duplicate=False):
+        if param.requires_grad:
+            names.setdefault(id(param), []).append(name)
+            params[id(param)] = param
+    masters = {}
+    for key, param in params.items():  # the same order on every process: each gather is a collective
+        value = safe_get_full_fp32_param(param)
+        if value is not None:
+            for name in names[key]:
+                masters[name] = value.detach().to("cpu", torch.float32)
+    return masters
 
 
 def write_model_folder(

@@ -7,6 +7,7 @@ the newest): the few places where what the newest versions write is read differe
   ``lm_head`` on load; transformers 4.x reads the flag literally, ties ``lm_head`` to the embedding and rescales
   the decoder output. A folder whose weights hold their own ``lm_head.weight`` (FLAN-T5) says
   ``tie_word_embeddings: false``, which both read as FLAN-T5 (5.x: no output scaling, head kept).
+- ``config.json``'s ``dtype``/``torch_dtype`` is that of the tensors saved (:func:`_config_dtype`).
 - ``tokenizer_config.json``: transformers 5.x writes the additional special tokens (T5's ``<extra_id_N>``) as a
   list under ``extra_special_tokens``, a key 4.x reads as a dict of named tokens (``AttributeError``); they are
   written as ``additional_special_tokens``, the key both read.
@@ -45,6 +46,7 @@ def make_portable(folder: str | Path) -> list[str]:
     path = Path(folder)
     changes: list[str] = []
     changes += _untied_head_config(path)
+    changes += _config_dtype(path)
     changes += _tokenizer_special_tokens(path)
     changes += _adapter_config(path)
     return changes
@@ -66,6 +68,38 @@ def _untied_head_config(folder: Path) -> list[str]:
     config["tie_word_embeddings"] = False
     write_json(folder / "config.json", config)
     return ["config.json: tie_word_embeddings false (the weights hold their own lm_head)"]
+
+
+#: safetensors dtype names -> the names config.json uses.
+_FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def _config_dtype(folder: Path) -> list[str]:
+    """``config.json``'s ``dtype`` (5.x; ``torch_dtype`` in 4.x) says the dtype of the saved tensors.
+
+    ``save_pretrained`` writes the dtype of the model object, which under DeepSpeed bf16 is bf16 even when the
+    weights saved are the fp32 master copy; ``from_pretrained(dtype="auto")`` (5.x's default) would load them
+    rounded to bf16 again.
+    """
+    config = _read(folder / "config.json")
+    single = folder / "model.safetensors"
+    if config is None or not single.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as fh:
+        kinds = {fh.get_slice(name).get_dtype() for name in fh.keys()}
+    floats = {_FLOAT_DTYPES[k] for k in kinds if k in _FLOAT_DTYPES}
+    if len(floats) != 1:
+        return []
+    dtype = floats.pop()
+    keys = [k for k in ("dtype", "torch_dtype") if k in config and config[k] != dtype]
+    if not keys:
+        return []
+    for key in keys:
+        config[key] = dtype
+    write_json(folder / "config.json", config)
+    return [f"config.json: {', '.join(keys)} {dtype} (the dtype of the saved weights)"]
 
 
 def _tokenizer_special_tokens(folder: Path) -> list[str]:

@@ -29,16 +29,34 @@ CASES = [
     # (config, method, extra launch args, extra training args)
     # The issue's command as is: the config's bf16, LoRA.
     ("deepspeed_zero2.yaml", "lora", [], []),
-    ("deepspeed_zero2.yaml", "full", ["--mixed_precision", "no"], []),
+    # bf16 from an fp32 base: the saved model is DeepSpeed's fp32 master copy, as zero_to_fp32 gives it
+    ("deepspeed_zero2.yaml", "full", [], ["--checkpointing_steps", "6"]),
     ("deepspeed_zero3.yaml", "full", ["--mixed_precision", "no"], []),
     ("deepspeed_zero3.yaml", "lora", [], ["--gradient_checkpointing"]),
 ]
 
 
+def assert_saved_is_the_fp32_master(out: Path, method: str, trained: dict[str, torch.Tensor]) -> None:
+    """Under bf16 the saved weights are fp32 and round to the bf16 values the model computed with (DeepSpeed
+    copies its fp32 master weights into the model that way), and some carry more than bf16 holds."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")))
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    common = [name for name in trained if name in saved]
+    assert len(common) >= len(trained) - 1
+    finer = 0
+    for name in common:
+        rounded = saved[name].to(torch.bfloat16).float()
+        torch.testing.assert_close(rounded, trained[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+        finer += int((saved[name] != rounded).sum())
+    assert finer > 0, "no value finer than bf16: the 16-bit copy was saved"
+
+
 @pytest.mark.parametrize(
     ("config", "method", "launch_args", "train_args"),
     CASES,
-    ids=["zero2-lora-bf16", "zero2-full", "zero3-full", "zero3-lora-gradient-checkpointing"],
+    ids=["zero2-lora-bf16", "zero2-full-bf16", "zero3-full", "zero3-lora-gradient-checkpointing-bf16"],
 )
 def test_deepspeed_training(
     config: str, method: str, launch_args: list[str], train_args: list[str], tmp_path: Path
@@ -60,11 +78,28 @@ def test_deepspeed_training(
     predictions = (out / "predictions.jsonl").read_text().splitlines()
     assert metrics["num_eval_examples"] == 7 and len(predictions) == 7
     assert_ranks_identical(ranks, world=2)
-    assert_saved_equals_trained(out, method, ranks[0])
+    bf16 = "--mixed_precision" not in launch_args  # the configs' own precision
+    if not bf16:
+        assert_saved_equals_trained(out, method, ranks[0])
+    else:
+        assert_saved_is_the_fp32_master(out, method, ranks[0])
     if method == "full":
+        from safetensors.torch import load_file
         from transformers import AutoModelForSeq2SeqLM
 
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(out))
-        reloaded = dict(model.named_parameters())
+        assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(out))  # dtype "auto": the config's
+        reloaded = {n: p.detach() for n, p in model.named_parameters()}
+        assert {p.dtype for p in reloaded.values()} == {torch.float32}
         for name, value in ranks[0].items():
-            torch.testing.assert_close(reloaded[name].detach().float(), value, rtol=0, atol=0)
+            expected = reloaded[name].to(torch.bfloat16).float() if bf16 else reloaded[name]
+            torch.testing.assert_close(expected, value, rtol=0, atol=0)
+    if bf16 and method == "full":
+        # the same values as DeepSpeed's own recovery of the fp32 weights from the last checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        recovered = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-6"), tag="pytorch_model")
+        saved = load_file(str(out / "model.safetensors"))
+        assert set(saved) <= set(recovered)
+        for name, value in saved.items():
+            torch.testing.assert_close(value, recovered[name].float(), rtol=0, atol=0)
