@@ -24,7 +24,7 @@ TOLERANCE = 1e-4
 def _floors_python() -> Path:
     if FLOORS_PYTHON.is_file():
         return FLOORS_PYTHON
-    if os.environ.get("CI") == "true":
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{FLOORS_PYTHON} is missing: CI runs `make floors` before `make test`")
     pytest.skip("no .venv-floors (run `make floors` to build the oldest supported versions)")
 
