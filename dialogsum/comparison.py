@@ -37,6 +37,7 @@ from dialogsum.metrics import (
     score_examples,
 )
 from dialogsum.plots import plot_resources, plot_rouge
+from dialogsum.results import check_results_belong
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def load_run(name: str, directory: str | Path) -> RunResult:
         raise UserError(f"--run {name}: result folder not found: {folder}")
     metrics = _load_metrics(folder / "metrics.json")
     ids, dialogues, references, predictions = _load_predictions(folder / "predictions.jsonl")
+    # results of other weights than those in the folder (stale) are refused, with one line
+    check_results_belong(folder, metrics, read_jsonl(folder / "predictions.jsonl"))
     return RunResult(name, folder, metrics, ids, dialogues, references, predictions)
 
 

@@ -355,6 +355,8 @@ class Config:
     hub: HubArguments = field(default_factory=HubArguments)
     command: str | None = field(default=None, compare=False)
     """The command line that started the run (secrets masked), for metrics.json; not a setting."""
+    config_file: str | None = field(default=None, compare=False)
+    """The ``--config`` file the settings came from (an input: never written over); not a setting."""
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``{flag: value}`` dict (plus ``method``; secrets left out); can be fed back with ``--config``."""
@@ -678,6 +680,7 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
         )
     check_sagemaker_channels(cfg)
     cfg.command = command_line(argv, f"scripts/train_{method}.py")
+    cfg.config_file = config_path
     return cfg
 
 

@@ -409,10 +409,15 @@ def finish(accelerator: Accelerator) -> None:
     ``end_training`` already destroys the process group in accelerate >= 1.x, so the barrier must come first;
     the explicit destroy afterwards covers older versions and notebook (fork) launches.
     """
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from dialogsum.run_folder import release_output_dirs
+
+    try:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    finally:
+        release_output_dirs()  # the output folder's manifest recorded and its lock let go
 
 
 # --------------------------------------------------------------------------------------------- a hung process

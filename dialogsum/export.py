@@ -18,7 +18,13 @@ from typing import Any
 
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, write_bytes
-from dialogsum.run_folder import check_can_create, check_not_an_input
+from dialogsum.run_folder import (
+    check_can_create,
+    check_folder_contents,
+    check_not_an_input,
+    held_folder,
+    take_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +61,9 @@ def check_export(adapter_path: str, output_dir: str, base: str | None, overwrite
     check_not_an_input(out, "--output_dir", inputs)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output_dir {out} is not empty; pass --overwrite_output_dir to replace it")
     check_can_create(out, "--output_dir")
+    take_output_dir(out)  # held until the export ends (released by the caller: release_output_dirs)
+    check_folder_contents(out, overwrite)
     return base
 
 
@@ -83,7 +89,9 @@ def export_merged(adapter_path: str | Path, output_dir: str | Path, base: str) -
     """Write the merged model of ``adapter_path`` on ``base`` to ``output_dir`` (replacing it whole).
 
     Everything is written into a temporary sibling folder first and renamed into place at the end, so a
-    failure or a kill never leaves a half-written model under ``output_dir``. Returns ``output_dir``.
+    failure never leaves a half-written model under ``output_dir``. A folder this process holds
+    (scripts/export.py) keeps what is not a run's: only the previous export's files are replaced. Returns
+    ``output_dir``.
     """
     from dialogsum.model_card import write_model_card
     from dialogsum.modeling import write_model_folder
@@ -100,11 +108,15 @@ def export_merged(adapter_path: str | Path, output_dir: str | Path, base: str) -
         metrics = _read_json(folder / "metrics.json")
         config = _read_yaml(folder / "config.yaml") or {"method": "lora", "model_name_or_path": base}
         write_model_card(tmp, metrics, config, merged=True)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, trash / out.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, out)
+        held = held_folder(out)
+        if held is not None:  # a folder this run holds: the previous export's files go, a person's stay
+            held.move_in(tmp)
+        else:  # a folder inside a run's own (train_lora.py --merge_lora): replaced whole
+            if out.exists():
+                trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+                os.replace(out, trash / out.name)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -325,6 +325,34 @@ def describe_value(value: Any) -> str:
 # final name.
 
 
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is ('a character device', 'a FIFO', ...); None for a regular file."""
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+
+
+def check_regular_target(path: str | Path, flag: str | None = None) -> None:
+    """Refuse to write ``path`` when it exists and is not a regular file (a device, a FIFO, a socket, a folder,
+    or a link to one): the writer replaces regular files only, so ``/dev/stdout`` or a pipe is never swapped for a
+    file. A link to a regular file, or a missing path, is fine."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing (or a dangling link): created as a regular file
+    kind = _kind(mode)
+    if kind is None:
+        return
+    link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    name = f"{flag} {path}" if flag else str(path)
+    raise UserError(f"{name} is {kind}{link}, not a regular file: only regular files are written (standard output: -)")
+
+
 def _new_file_mode() -> int:
     """Permissions a plain ``open`` would give a new file under the current umask (mkstemp alone gives 0600)."""
     umask = os.umask(0)
@@ -360,6 +388,8 @@ def write_files(files: Mapping[str, bytes], directory: str | Path, sync: bool = 
     A failure while writing (e.g. a full disk) leaves every earlier version of these files as it was.
     """
     folder = Path(directory)
+    for name in files:
+        check_regular_target(folder / name)
     temporary: dict[str, str] = {}
     try:
         for name, data in files.items():

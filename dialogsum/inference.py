@@ -38,6 +38,7 @@ from dialogsum.config import (
 )
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.files import (
+    check_regular_target,
     decode_utf8,
     describe_value,
     input_kind,
@@ -51,7 +52,7 @@ from dialogsum.files import (
     write_jsonl,
     write_text,
 )
-from dialogsum.run_folder import check_can_create, check_not_an_input, input_paths
+from dialogsum.run_folder import check_can_create, check_not_an_input, input_paths, take_output_file
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +183,9 @@ def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> S
         " file with one dialogue per row (--text_column). Omit or '-' to read stdin.",
     )
     io_group.add_argument(
-        "--output_file", default=None, help="Where to write JSON lines {id, summary}; default: standard output."
+        "--output_file",
+        default=None,
+        help="Where to write JSON lines {id, summary} (a regular file); '-' or omitted: standard output.",
     )
     io_group.add_argument(
         "--overwrite_output_file",
@@ -191,6 +194,7 @@ def parse_summarize_args(argv: Sequence[str] | None, description: str = "") -> S
     )
     values = given_flags(parser, argv)
     input_file, output_file = values.pop("input_file", None), values.pop("output_file", None)
+    output_file = None if output_file == "-" else output_file  # '-': standard output
     overwrite = values.pop("overwrite_output_file", False)
     return SummarizeRequest(config_from_flags(values), input_file, output_file, overwrite)
 
@@ -314,6 +318,16 @@ def _weights_size_mb(cfg: Config) -> float | None:
 
 
 def run_evaluation(cfg: Config) -> dict[str, Any]:
+    """:func:`evaluate_model`, holding the output folder's lock from its first check to its last file."""
+    from dialogsum.run_folder import release_output_dirs
+
+    try:
+        return evaluate_model(cfg)
+    finally:
+        release_output_dirs()
+
+
+def evaluate_model(cfg: Config) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ adapter) on ``cfg.train.eval_split``; write metrics.json and predictions.jsonl.
 
     Every check that needs no weights (output folder, data files, model and adapter, trackers) runs first.
@@ -325,11 +339,12 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     from dialogsum.distributed import build_accelerator, finish, topology
     from dialogsum.evaluation import evaluate_with_config
     from dialogsum.modeling import describe_parameters, parameter_report
-    from dialogsum.run_folder import check_output_dir, start_output_dir
+    from dialogsum.results import stamp_predictions, weights_record
+    from dialogsum.run_folder import check_output_dir, record_outputs, start_output_dir
     from dialogsum.tracking import finish_tracking, peak_memory_mb, provenance, resolve_trackers, start_tracking
 
     split = cfg.train.eval_split
-    out = check_output_dir(cfg, resuming=False, can_resume=False)
+    out = check_output_dir(cfg, can_resume=False)  # locked from here on
     check_data_sources(cfg.data, [split])
     check_model_and_adapter(cfg.model.model_name_or_path, cfg.model.adapter_path)
     rows = load_splits(cfg.data, [split])[split]  # every row checked before the model loads
@@ -366,6 +381,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
                 "eval_runtime_s": round(runtime, 3),
                 "eval_samples_per_s": round(len(examples) / max(runtime, 1e-9), 3),
                 "checkpoint_size_mb": _weights_size_mb(cfg),
+                "weights": weights_record(cfg.model.adapter_path or cfg.model.model_name_or_path, None),
                 "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
                 **params,
             }
@@ -378,9 +394,10 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         if accelerator.is_main_process:
             start_output_dir(cfg)  # with --overwrite_output_dir, the previous results go only now
             # predictions first: metrics.json is the marker of a complete result folder.
-            write_jsonl(out / "predictions.jsonl", predictions)
+            write_jsonl(out / "predictions.jsonl", stamp_predictions(predictions, metrics["weights"]))
             cfg.save(out / "config.yaml")
             write_json(out / "metrics.json", metrics)
+            record_outputs()
             logger.info(
                 "ROUGE (%s) on %d dialogues: %s; written to %s",
                 metrics["headline_protocol"],
@@ -456,14 +473,28 @@ def check_output_file(request: SummarizeRequest) -> None:
     check_not_an_input(target, "--output_file", inputs)
     if target.is_dir():
         raise UserError(f"--output_file is a directory: {request.output_file}")
+    check_regular_target(target, "--output_file")  # never a device, a FIFO or a link to one ('-': stdout)
     if target.exists() and not request.overwrite_output_file:
         raise UserError(f"--output_file {target} exists; pass --overwrite_output_file to replace it")
     check_can_create(target, "--output_file", kind="file")
     if not target.parent.is_dir():
         raise UserError(f"--output_file folder does not exist: {target.parent}")
+    take_output_file(target)  # one run at a time writes this file
+    if target.exists() and not request.overwrite_output_file:  # arrived while we were checking
+        raise UserError(f"--output_file {target} exists; pass --overwrite_output_file to replace it")
 
 
 def run_summarize(request: SummarizeRequest) -> list[dict[str, str]]:
+    """:func:`summarize`, holding the lock of ``--output_file`` from its check to its writing."""
+    from dialogsum.run_folder import release_output_dirs
+
+    try:
+        return summarize(request)
+    finally:
+        release_output_dirs()
+
+
+def summarize(request: SummarizeRequest) -> list[dict[str, str]]:
     """Summarize the requested dialogues; write JSON lines ``{"id", "summary"}``; return the records."""
     cfg = request.cfg
     dialogues = read_dialogues(request.input_file, cfg.data)

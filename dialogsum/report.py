@@ -33,6 +33,7 @@ from dialogsum.formatting import (
 )
 from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, ROUGE_LABELS
 from dialogsum.plots import plot_eval_curves, plot_resources, plot_rouge, plot_throughput, plot_training_curves
+from dialogsum.results import describe as describe_weights
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,8 @@ def write_run_report(output_dir: str | Path) -> Path:
             f"{plain(metrics.get('num_references'))} references); headline protocol: "
             f"**{metrics['headline_protocol']}**."
         )
+    if isinstance(metrics.get("weights"), dict):
+        parts.append(f"Results of the weights at {describe_weights(metrics['weights'])}.")
     parts += ["", "## Results", ""]
     header, rows = rouge_rows(metrics)
     if rows:

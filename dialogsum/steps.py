@@ -50,7 +50,14 @@ from dialogsum.modeling import (
 )
 from dialogsum.publish import HubTarget, check_push, push_folder
 from dialogsum.quickstart import build_quickstart_assets
-from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker, start_output_dir
+from dialogsum.results import stamp_predictions, weights_record
+from dialogsum.run_folder import (
+    check_output_dir,
+    copy_results_for_sagemaker,
+    record_outputs,
+    release_output_dirs,
+    start_output_dir,
+)
 from dialogsum.tracking import peak_memory_mb, provenance, resolve_trackers
 from dialogsum.training import TrainResult, check_mixed_precision
 
@@ -99,22 +106,26 @@ def needed_splits(cfg: Config) -> list[str]:
 
 
 def check_run(cfg: Config) -> RunPlan:
-    """Every check that needs no model, data or process group: output folder, resume point, data, model, trackers."""
+    """Every check that needs no model, data or process group: output folder (locked from here on: only the main
+    process holds it), resume point, data, model, trackers."""
     t = cfg.train
     check_checkpoint_dir(cfg)  # --checkpoint_dir apart from --output_dir: not an input, writable, not another run's
     resume = resolve_resume(t.resume_from_checkpoint, checkpoint_root(cfg))
-    # "latest" may write into its folder even before a first checkpoint exists (a restart killed before it)
-    out = check_output_dir(cfg, resuming=resume is not None or t.resume_from_checkpoint == "latest")
-    splits = needed_splits(cfg)
-    if not t.quickstart:
-        check_data_sources(cfg.data, splits)
-        check_model_source(cfg.model.model_name_or_path)
-        if cfg.method == "lora":
-            check_lora_targets(cfg.model.model_name_or_path, cfg.lora)  # from the model config, no weights
-        check_prompt_fits(load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path), cfg.data)
-    trackers = resolve_trackers(cfg.track.report_to) or None
-    hub = check_push(cfg.hub, out.resolve().name)  # --push_to_hub: token, hub reachable, write access
-    start_output_dir(cfg)  # creates it; --overwrite_output_dir: the previous run's files go now
+    out = check_output_dir(cfg)  # takes the folder's lock; a checkpoint elsewhere never allows a used folder
+    try:
+        splits = needed_splits(cfg)
+        if not t.quickstart:
+            check_data_sources(cfg.data, splits)
+            check_model_source(cfg.model.model_name_or_path)
+            if cfg.method == "lora":
+                check_lora_targets(cfg.model.model_name_or_path, cfg.lora)  # from the model config, no weights
+            check_prompt_fits(load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path), cfg.data)
+        trackers = resolve_trackers(cfg.track.report_to) or None
+        hub = check_push(cfg.hub, out.resolve().name)  # --push_to_hub: token, hub reachable, write access
+        start_output_dir(cfg)  # creates it; --overwrite_output_dir: what the previous run wrote goes now
+    except BaseException:
+        release_output_dirs()
+        raise
     return RunPlan(out=out, resume=resume, splits=splits, trackers=trackers, hub=hub)
 
 
@@ -166,6 +177,7 @@ def write_run_settings(accelerator: Any, cfg: Config, model: torch.nn.Module, ou
     if accelerator.is_main_process:
         cfg.save(out / "config.yaml")
         write_json(out / "parameters.json", params)
+        record_outputs()  # from now on a kill leaves them listed as the run's
     return params
 
 
@@ -288,6 +300,11 @@ def run_metrics(
         metrics.update(result.metrics())
         if cfg.train.load_best_model_at_end and result.state.best_step is not None:
             metrics["final_model_step"] = result.state.best_step  # the saved and evaluated weights
+        step = metrics.get("final_model_step", result.state.step)
+        metrics["weights"] = weights_record(Path(cfg.train.output_dir or "."), step)  # what the results belong to
+    else:
+        source = cfg.model.adapter_path or cfg.model.model_name_or_path  # the starting weights, evaluated as they are
+        metrics["weights"] = weights_record(source, None, source)
     metrics.update(params)
     topo = topology(accelerator)
     metrics.update(
@@ -316,10 +333,13 @@ def write_results(
 
     write_json(out / "metrics.json", metrics)
     if predictions:
-        write_jsonl(out / "predictions.jsonl", predictions)
+        write_jsonl(out / "predictions.jsonl", stamp_predictions(predictions, metrics.get("weights", {})))
+    else:  # not evaluated (--do_eval false): an earlier run's predictions would pass for these weights'
+        (out / "predictions.jsonl").unlink(missing_ok=True)
     write_model_card(out, metrics, cfg.to_dict())
     write_run_report(out)
     copy_results_for_sagemaker(out)
+    record_outputs()  # the manifest lists the results and weights
     logger.info("results in %s: %s", out, _headline(metrics))
 
 

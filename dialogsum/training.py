@@ -50,6 +50,7 @@ from dialogsum.distributed import mark_progress
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, jsonl_text, parse_jsonl, read_text, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
+from dialogsum.run_folder import record_outputs
 from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, resend_lost_events, tracked_values
 
 logger = logging.getLogger(__name__)
@@ -651,6 +652,7 @@ class Checkpointer:
         if accelerator.is_main_process:
             prune_checkpoints(self.root, t.save_total_limit, state.best_checkpoint)
             flush_trackers(accelerator)  # the events up to this checkpoint outlive a kill
+            record_outputs()  # the output folder's manifest lists this checkpoint (and the trackers' files)
         accelerator.wait_for_everyone()
         if self.timer is not None:
             self.timer.record("save", time.perf_counter() - started)

@@ -44,15 +44,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_hub_arguments(hub)
     from dialogsum.export import check_export, export_merged
     from dialogsum.publish import check_push, push_folder
+    from dialogsum.run_folder import release_output_dirs
 
     out = Path(values["output_dir"])
-    base = check_export(
-        values["adapter_path"], str(out), values.get("model_name_or_path"), values.get("overwrite_output_dir", False)
-    )
-    target = check_push(hub, out.resolve().name)  # token and hub checked before the weights load
-    export_merged(values["adapter_path"], out, base)
-    if target is not None:
-        push_folder(out, target, f"dialogsum: LoRA adapter {Path(values['adapter_path']).name} merged into {base}")
+    try:  # the output folder is locked from its check to the end
+        base = check_export(
+            values["adapter_path"],
+            str(out),
+            values.get("model_name_or_path"),
+            values.get("overwrite_output_dir", False),
+        )
+        target = check_push(hub, out.resolve().name)  # token and hub checked before the weights load
+        export_merged(values["adapter_path"], out, base)
+        if target is not None:
+            push_folder(out, target, f"dialogsum: LoRA adapter {Path(values['adapter_path']).name} merged into {base}")
+    finally:
+        release_output_dirs()
     return out
 
 

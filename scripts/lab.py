@@ -24,6 +24,13 @@ from dialogsum.cli import run_cli
 from dialogsum.config import QUICKSTART_DEFAULTS, build_parser, parse_config
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.inference import EVALUATE_FLAGS
+from dialogsum.run_folder import (
+    check_folder_contents,
+    read_manifest,
+    record_outputs,
+    release_output_dirs,
+    take_output_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("original", "full", "lora", "comparison")
@@ -127,6 +134,9 @@ def _check(args: argparse.Namespace, passed: list[str], full: list[str], lora: l
     parse_config([*passed, *lora, *quick, "--output_dir", str(out / "lora")], "lora")
     if out.is_file():
         raise UserError(f"--output_dir {out} is a file")
+    take_output_dir(out)  # the lab holds its folder; each stage holds its own sub-folder
+    if read_manifest(out) is None:
+        check_folder_contents(out, overwrite=False)  # only an empty folder becomes a lab folder
     taken = [name for name in STAGES if (out / name).exists() and any((out / name).iterdir())]
     if taken and not args.overwrite_output_dir:
         raise UserError(
@@ -149,6 +159,7 @@ def _run(stage: str, command: list[str]) -> None:
     sys.stderr.flush()
     start = time.perf_counter()
     code = subprocess.run(command, check=False).returncode
+    record_outputs()  # the lab's manifest lists the stage's folder
     if code != 0:
         raise UserError(f"the {stage} stage failed (exit code {code}, its output is above); rerun it with: {shown}")
     sys.stderr.write(f"==> {stage}: done in {time.perf_counter() - start:.0f} s\n")
@@ -158,6 +169,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Check every stage's flags, then run the four stages in order; returns the comparison folder."""
     args, passed = _parse(argv)
     full, lora = stage_flags("--full_args", args.full_args), stage_flags("--lora_args", args.lora_args)
+    try:
+        return _run_lab(args, passed, full, lora)
+    finally:
+        release_output_dirs()
+
+
+def _run_lab(args: argparse.Namespace, passed: list[str], full: list[str], lora: list[str]) -> Path:
     out = _check(args, passed, full, lora)
     config = args.accelerate_config or _default_config()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]

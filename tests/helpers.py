@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import runpy
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -62,3 +64,56 @@ def accelerate_launch(
         *args,
     ]
     return run_script(cmd, timeout=timeout, env=env)
+
+
+# --------------------------------------------------------------------------------------------- file-system invariant
+
+
+def _entry(path: Path) -> str:
+    """What ``path`` is, not following links: a file's sha256, a link's target, a special file's kind (never
+    opened: reading a FIFO would block), a folder."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        return f"link -> {os.readlink(path)}"
+    if stat.S_ISREG(info.st_mode):
+        return "file " + hashlib.sha256(path.read_bytes()).hexdigest()
+    if stat.S_ISDIR(info.st_mode):
+        return "folder"
+    if stat.S_ISFIFO(info.st_mode):
+        return "fifo"
+    if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        return f"device {os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    return f"special {stat.S_IFMT(info.st_mode):o}"
+
+
+def snapshot_tree(roots: list[Path], may_write: list[Path]) -> dict[str, str]:
+    """Every entry under ``roots`` (files by sha256, links by target, special files by kind), leaving out what a
+    run may write: each path of ``may_write``, everything under it, and the hidden files a writer puts beside it
+    while writing a file (``.<name>.*``: temporary copies, locks)."""
+    skipped = {p.absolute() for p in may_write}
+    beside = {(p.parent.absolute(), f".{p.name}.") for p in may_write}
+    found: dict[str, str] = {}
+
+    def visit(path: Path) -> None:
+        absolute = path.absolute()
+        if absolute in skipped or any(absolute.parent == d and path.name.startswith(n) for d, n in beside):
+            return
+        try:
+            found[str(absolute)] = _entry(path)
+        except FileNotFoundError:
+            return  # removed while walking: a concurrent run's own temporary file
+        if found[str(absolute)] == "folder":
+            for child in sorted(path.iterdir()):
+                visit(child)
+
+    for root in roots:
+        visit(root)
+    return found
+
+
+def tree_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """``created/removed/changed <path>`` for every difference between two snapshots."""
+    changes = [f"removed {p}" for p in before if p not in after]
+    changes += [f"created {p}" for p in after if p not in before]
+    changes += [f"changed {p}" for p in before if p in after and before[p] != after[p]]
+    return sorted(changes)

@@ -85,6 +85,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path) -> dict[str, Case]
     full_output = root / "used-output"
     full_output.mkdir()
     (full_output / "metrics.json").write_text("{}")
+    (full_output / ".dialogsum-manifest.json").write_text('{"format": 1, "entries": ["metrics.json"]}')  # a run's
     hf_home = root / "empty-hf-home"  # nothing cached: a hub id must really be fetched
     hf_home.mkdir()
 

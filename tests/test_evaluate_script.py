@@ -163,10 +163,13 @@ def test_overwrite_replaces_the_previous_results_only(assets: dict[str, Path], t
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "report.md").write_text("an older run")
     (out / "README.md").write_text("an older card")
-    (out / "notes.txt").write_text("mine")
+    (out / ".dialogsum-manifest.json").write_text('{"entries": ["checkpoint-3", "report.md", "README.md"]}')
+    (out / "notes.txt").write_text("mine")  # not in the manifest: a person's
     metrics = evaluate(assets, assets["official"], out, "--overwrite_output_dir")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.yaml", "metrics.json", "notes.txt", "predictions.jsonl"]
+    assert names == [".dialogsum-manifest.json", "config.yaml", "metrics.json", "notes.txt", "predictions.jsonl"]
+    manifest = json.loads((out / ".dialogsum-manifest.json").read_text())
+    assert manifest["entries"] == ["config.yaml", "metrics.json", "predictions.jsonl"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 

@@ -200,7 +200,7 @@ def test_evaluate_summarize_and_export_take_a_checkpoint_folder(runs: dict[str, 
     ("args", "message"),
     [
         (["--output_dir", "{lora}/inside"], "is inside the --adapter_path"),
-        (["--output_dir", "{tmp}/merged20"], "is not empty; pass --overwrite_output_dir"),
+        (["--output_dir", "{tmp}/merged20"], "is not empty and is not a run folder (no .dialogsum-manifest.json"),
         (["--output_dir", "{tmp}/x", "--adapter_path", "{full}"], "is not a LoRA adapter folder"),
         (["--output_dir", "{tmp}/x", "--hub_model_id", "me/x"], "settings of --push_to_hub"),
         (["--adapter_path", "{lora}"], "--output_dir is required"),

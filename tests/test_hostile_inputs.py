@@ -1,7 +1,11 @@
 """The adversarial pass of issue 15, kept: hostile inputs through the real scripts, each a real process.
 
 Every refused case must give exit code != 0, exactly one ``error:`` line on stderr, no traceback, and leave the
-files it must not touch byte for byte as they were (sha256 before and after). Three cases are not errors and must
+files it must not touch byte for byte as they were (sha256 before and after). Around every case the whole tree
+it can reach (the cases' folder, the tiny model and data, the finished run) is snapshotted by the file-system
+invariant harness (``helpers.snapshot_tree``: files by sha256, links by target, FIFOs and devices by kind) and
+must be unchanged afterwards outside what a run may write (the output folders and files its flags name; for a
+refused case only those that did not exist before it). Three cases are not errors and must
 train: a YAML value parsed as the command line would, ``latest`` over the leftovers of this same run, and
 ``--overwrite_output_dir`` (which must clear the previous run, so that the new run's ``latest`` works).
 
@@ -22,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import HANG_TIMEOUT_S, REPO, subprocess_env
+from helpers import HANG_TIMEOUT_S, REPO, snapshot_tree, subprocess_env, tree_changes
 from test_bad_input import Case
+
+from dialogsum.run_folder import LOCK_FILE, MANIFEST_FILE
 
 #: Flags of every training run here: the quick-start tiny T5 and data, a few steps, no tracker.
 TRAIN_FLAGS = (
@@ -148,6 +154,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         shutil.rmtree(checkpoint)
     leftovers = root / "killed_before_first_checkpoint"
     leftovers.mkdir()
+    (leftovers / MANIFEST_FILE).write_text('{"format": 1, "entries": []}')  # written when the run took the folder
     shutil.copy(run / "config.yaml", leftovers / "config.yaml")
     (leftovers / "checkpoint-1.tmp").mkdir()  # a save the kill interrupted
     other_leftovers = root / "other_runs_leftovers"
@@ -202,6 +209,20 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
     used = root / "used_eval_dir"
     used.mkdir()
     (used / "metrics.json").write_text("{}")
+    (used / MANIFEST_FILE).write_text('{"format": 1, "entries": ["metrics.json"]}')
+    persons = root / "a_persons_folder"  # what a person keeps in a folder: not a run's
+    (persons / "plots").mkdir(parents=True)
+    (persons / "wandb").mkdir()
+    (persons / "README.md").write_text("my notes")
+    (persons / "config.json").write_text("{}")
+    (persons / "plots" / "mine.png").write_bytes(b"png")
+    fifo = files / "fifo.jsonl"
+    os.mkfifo(fifo)
+    (files / "null_link.jsonl").symlink_to("/dev/null")
+    config_inside = root / "config_inside"
+    config_inside.mkdir()
+    config_in_out = config_inside / "settings.yaml"
+    config_in_out.write_text("learning_rate: 0.001\n")
 
     def trained_lora_afresh(proc: subprocess.CompletedProcess) -> None:
         assert "starting afresh" in proc.stderr
@@ -215,6 +236,10 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         assert sorted(p.name for p in overwritten.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
         assert f"resumed from {overwritten / 'checkpoint-1'} at step 1" in proc.stderr
         assert json.loads((overwritten / "metrics.json").read_text())["method"] == "full"
+
+    def summaries_on_stdout(proc: subprocess.CompletedProcess) -> None:
+        rows = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [row["id"] for row in rows] == [row["fname"] for row in test_rows], proc.stdout
 
     def yaml_list_kept_whole(proc: subprocess.CompletedProcess) -> None:
         assert "'w'" not in proc.stderr and "--lora_target_modules wo2 matches" in proc.stderr
@@ -456,7 +481,7 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         "evaluate into a used folder": Case(
             "evaluate.py",
             [*evaluate(), "--output_dir", str(used)],
-            [f"--output_dir {used} is not empty; pass --overwrite_output_dir to write into it"],
+            [f"--output_dir {used} is not empty; pass --overwrite_output_dir to replace the run in it"],
             unchanged=[used],
             check=lambda proc: None if "--resume_from_checkpoint" not in proc.stderr else pytest.fail(proc.stderr),
         ),
@@ -487,6 +512,59 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
             summarize("--max_source_length", "5"),
             ["--max_source_length 5 leaves no room for the dialogue"],
         ),
+        # ---- issue 19: a run owns its output folder, and only what it wrote there
+        "evaluate overwrite over a person's folder": Case(
+            "evaluate.py",
+            [*evaluate(), "--output_dir", str(persons), "--overwrite_output_dir"],
+            [
+                f"--output_dir {persons} is not empty and is not a run folder",
+                "it holds README.md, config.json, plots, wandb; choose another --output_dir",
+            ],
+            unchanged=[persons],
+            absent=[persons / MANIFEST_FILE, persons / LOCK_FILE],
+        ),
+        "resume a checkpoint elsewhere into a used run folder": Case(
+            "train_lora.py",
+            [*train(), "--output_dir", str(used), "--resume_from_checkpoint", str(run / "checkpoint-1")],
+            [f"--output_dir {used} is not empty (resuming from a checkpoint of another folder starts a new run"],
+            unchanged=[used, run],
+        ),
+        "output_dir is inside the checkpoint being resumed": Case(
+            "train_lora.py",
+            [
+                *train(),
+                "--output_dir",
+                str(run / "checkpoint-1" / "out"),
+                "--resume_from_checkpoint",
+                str(run / "checkpoint-1"),
+            ],
+            [f"is inside the --resume_from_checkpoint {run / 'checkpoint-1'}"],
+            absent=[run / "checkpoint-1" / "out"],
+        ),
+        "output_dir contains the --config file": Case(
+            "train_full.py",
+            [*train(), "--output_dir", str(config_inside), "--config", str(config_in_out), "--overwrite_output_dir"],
+            [f"--output_dir {config_inside} contains the --config {config_in_out}"],
+            unchanged=[config_inside],
+        ),
+        "summarize output_file is a FIFO": Case(
+            "summarize.py",
+            summarize("--output_file", str(fifo), "--overwrite_output_file"),
+            [f"--output_file {fifo} is a FIFO, not a regular file"],
+        ),
+        "summarize output_file links to a character device": Case(
+            "summarize.py",
+            summarize("--output_file", str(files / "null_link.jsonl"), "--overwrite_output_file"),
+            ["null_link.jsonl is a character device (a link to /dev/null), not a regular file"],
+        ),
+        "summarize output_file - is standard output": Case(
+            "summarize.py",
+            summarize("--output_file", "-", "--max_new_tokens", "4"),
+            [],
+            exit_code=0,
+            check=summaries_on_stdout,
+            absent=[REPO / "-"],
+        ),
         "LoRA rank above the layer size": Case(
             "train_lora.py",
             train("--lora_r", "65"),
@@ -497,35 +575,62 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
 
 @dataclass
 class Outcome:
-    """What came back: the process (and the second one of a two-step case), and the files' digests before/after."""
+    """What came back: the process (and the second one of a two-step case), the files' digests before/after, and
+    the changes of the whole tree outside what the runs may write."""
 
     proc: subprocess.CompletedProcess
     second: subprocess.CompletedProcess | None
     before: dict[str, str]
     after: dict[str, str]
+    changes: list[str]
 
 
-def _run_case(case: Case) -> Outcome:
-    before = _sha256_tree(case.unchanged)
+#: The flags that name what a run writes.
+OUTPUT_FLAGS = ("--output_dir", "--output_file", "--checkpoint_dir")
+
+
+def may_write(case: Case) -> list[Path]:
+    """What ``case`` may write: the outputs its flags name (the last of a repeated flag wins), for a refused case
+    only those that do not exist yet (a refused run writes nothing that was there)."""
+    paths = []
+    for args in (case.args, case.then or []):
+        named = {flag: value for flag, value in zip(args, args[1:]) if flag in OUTPUT_FLAGS and value != "-"}
+        paths += [Path(value) for value in named.values()]
+    if case.exit_code != 0:
+        paths = [p for p in paths if not p.exists() and not p.is_symlink()]
+    return paths
+
+
+def _run_case(case: Case, roots: list[Path], writable: list[Path]) -> Outcome:
+    before, tree = _sha256_tree(case.unchanged), snapshot_tree(roots, writable)
     proc = _run(case.script, case.args)
     second = _run(case.script, case.then) if case.then is not None and proc.returncode == 0 else None
-    return Outcome(proc, second, before, _sha256_tree(case.unchanged))
+    changes = tree_changes(tree, snapshot_tree(roots, writable))
+    return Outcome(proc, second, before, _sha256_tree(case.unchanged), changes)
 
 
 @pytest.fixture(scope="module")
-def cases(
+def roots(
     tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path], finished_run: Path
-) -> dict[str, Case]:
+) -> list[Path]:
+    """The trees the cases can reach: their own folder, the tiny model and data, the finished run."""
+    return [tmp_path_factory.mktemp("hostile"), quickstart_assets[0].parent, finished_run.parent]
+
+
+@pytest.fixture(scope="module")
+def cases(roots: list[Path], quickstart_assets: tuple[Path, Path], finished_run: Path) -> dict[str, Case]:
     """Every case, with its files written."""
     model_dir, data_dir = quickstart_assets
-    return _build_cases(tmp_path_factory.mktemp("hostile"), model_dir, data_dir, finished_run)
+    return _build_cases(roots[0], model_dir, data_dir, finished_run)
 
 
 @pytest.fixture(scope="module")
-def outcomes(cases: dict[str, Case]) -> dict[str, Outcome]:
-    """Run every case, two processes at a time (2 cores)."""
+def outcomes(cases: dict[str, Case], roots: list[Path]) -> dict[str, Outcome]:
+    """Run every case, two processes at a time (2 cores). Each case's tree snapshot leaves out what any case may
+    write (two run at once)."""
+    writable = [path for case in cases.values() for path in may_write(case)]
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(_run_case, case) for name, case in cases.items()}
+        futures = {name: pool.submit(_run_case, case, roots, writable) for name, case in cases.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -572,6 +677,13 @@ CASE_NAMES = [
     "length_penalty nan (train)",
     "max_source_length below the template",
     "max_source_length below the template (summarize)",
+    "evaluate overwrite over a person's folder",
+    "resume a checkpoint elsewhere into a used run folder",
+    "output_dir is inside the checkpoint being resumed",
+    "output_dir contains the --config file",
+    "summarize output_file is a FIFO",
+    "summarize output_file links to a character device",
+    "summarize output_file - is standard output",
     "LoRA rank above the layer size",
 ]
 
@@ -602,6 +714,7 @@ def test_hostile_input(name: str, cases: dict[str, Case], outcomes: dict[str, Ou
             assert text in errors[0], errors[0]
         assert "trainable model parameters" not in proc.stderr, "refused only after the model was loaded"
     assert outcome.after == outcome.before, f"{name}: files changed that must not"
+    assert not outcome.changes, f"{name}: the tree changed outside what the run may write: {outcome.changes[:5]}"
     for path in case.absent:
         assert not path.exists(), path
     if case.check is not None:

@@ -8,7 +8,7 @@ import pytest
 
 from dialogsum.config import parse_config
 from dialogsum.errors import UserError
-from dialogsum.run_folder import check_output_dir, copy_results_for_sagemaker
+from dialogsum.run_folder import copy_results_for_sagemaker
 from dialogsum.steps import needed_splits
 
 
@@ -25,17 +25,6 @@ def test_sagemaker_gets_results_but_not_weights(tmp_path: Path, monkeypatch: pyt
     assert (dest / "metrics.json").read_text() == '{"rouge1": 0.4}'
     assert (dest / "plots" / "training.png").is_file()
     assert not (dest / "model.safetensors").exists()
-
-
-def test_non_empty_output_dir_is_refused_unless_asked(tmp_path: Path) -> None:
-    (tmp_path / "metrics.json").write_text("{}")
-    cfg = parse_config(["--output_dir", str(tmp_path)], "lora")
-    with pytest.raises(UserError, match="is not empty; pass --overwrite_output_dir"):
-        check_output_dir(cfg, resuming=False)
-    assert check_output_dir(cfg, resuming=True) == tmp_path
-    cfg = parse_config(["--output_dir", str(tmp_path), "--overwrite_output_dir"], "lora")
-    assert check_output_dir(cfg, resuming=False) == tmp_path
-    assert (tmp_path / "metrics.json").read_text() == "{}"  # checking never deletes anything
 
 
 def test_needed_splits() -> None:
