@@ -113,7 +113,9 @@ def test_official_and_flattened_files_give_the_same_figures(
     assert [r["prediction"] for r in official_rows] == [r["prediction"] for r in flat_rows]
     assert [r["references"] for r in official_rows] == [r["references"] for r in flat_rows]
     assert len(official_rows) == NUM_DIALOGUES and all(len(r["references"]) == 3 for r in official_rows)
-    assert sorted(p.name for p in official_run.iterdir()) == ["config.yaml", "metrics.json", "predictions.jsonl"]
+    written = ["config.yaml", "metrics.json", "predictions.jsonl"]
+    assert sorted(p.name for p in official_run.iterdir()) == [".dialogsum-manifest.json", *written]
+    assert json.loads((official_run / ".dialogsum-manifest.json").read_text())["entries"] == written
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from dialogsum.checkpointing import find_latest, read_state
 from dialogsum.config import SAGEMAKER_CHECKPOINT_DIR, parse_config
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.preemption import EXIT_STOPPED, StopRequest, parse_duration
-from dialogsum.run_folder import check_output_dir
+from dialogsum.run_folder import check_output_dir, release_output_dirs
 from tools import soak
 from tools.soak import TRAIN_FLAGS, Setup
 
@@ -117,7 +117,8 @@ def test_latest_without_checkpoint_names_the_folder_it_searched(
     checkpoints = tmp_path / "opt-ml-checkpoints"
     cfg = parse_config(["--checkpoint_dir", str(checkpoints)], "lora")
     with caplog.at_level(logging.WARNING, logger="dialogsum.run_folder"):
-        check_output_dir(cfg, resuming=False)
+        check_output_dir(cfg)
+    release_output_dirs()  # the check took the folder's lock
     assert f"no checkpoint in {checkpoints} yet; starting afresh" in caplog.text
     assert str(tmp_path / "model") not in caplog.text
 
