@@ -287,9 +287,15 @@ class RunFolder:
     def move_in(self, built: Path) -> None:
         """Replace the previous run's entries by the entries of the finished folder ``built`` (renamed in one by
         one; weights last, so a kill part-way leaves no loadable half model), then remove ``built``."""
-        self.clear_previous()
         names = sorted(p.name for p in built.iterdir())
         names.sort(key=lambda name: name.endswith(".safetensors"))
+        persons = [name for name in names if name in self.found]
+        if persons:
+            raise UserError(
+                f"{self.flag} {self.out} holds {_listing(persons)}, which no run wrote and this one would replace; "
+                f"move it away or choose another {self.flag}"
+            )
+        self.clear_previous()
         for name in names:
             os.replace(built / name, self.out / name)
         built.rmdir()

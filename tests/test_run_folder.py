@@ -170,6 +170,35 @@ def test_overwrite_removes_exactly_what_the_manifest_lists(tmp_path: Path) -> No
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_an_export_replaces_the_previous_export_and_never_a_persons_file(tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    start_output_dir(_config(out))
+    (out / "model.safetensors").write_text("old")
+    (out / "old_only.json").write_text("old")
+    release_output_dirs()
+    (out / "notes.txt").write_text("mine")
+    built = tmp_path / ".merged.tmp-1"
+    built.mkdir()
+    (built / "model.safetensors").write_text("new")
+    (built / "config.json").write_text("{}")
+    folder = take_output_dir(out)
+    assert folder is not None
+    folder.move_in(built)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == [
+        MANIFEST_FILE,
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    assert (out / "model.safetensors").read_text() == "new" and not built.exists()
+    release_output_dirs()
+    built.mkdir()
+    (built / "notes.txt").write_text("the card")
+    with pytest.raises(UserError, match=f"--output_dir {out} holds notes.txt, which no run wrote and this one would"):
+        take_output_dir(out).move_in(built)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").exists()
+
+
 def test_a_manifest_names_only_entries_of_its_own_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
