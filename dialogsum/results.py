@@ -9,50 +9,23 @@ writing its results) are never scored as those of the final model.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
 
-#: The weight files at the top of a model or adapter folder.
-WEIGHT_FILE = re.compile(
-    r"^(model\.safetensors|model-\d+-of-\d+\.safetensors|adapter_model\.safetensors|pytorch_model.*\.bin"
-    r"|adapter_model\.bin)$"
-)
-#: Bytes read per weight file: the size and this many evenly spaced blocks (the whole file when smaller).
-_BLOCKS, _BLOCK = 32, 64 * 1024
-
-
-def weight_files(folder: str | Path) -> list[Path]:
-    """The weight files at the top of ``folder`` (sorted; none for a missing folder or a hub id)."""
-    path = Path(folder)
-    if not path.is_dir():
-        return []
-    return sorted(p for p in path.iterdir() if WEIGHT_FILE.match(p.name) and p.is_file())
-
 
 def weights_fingerprint(folder: str | Path) -> str | None:
-    """A cheap fingerprint of the weights in ``folder``: sha256 over each weight file's name, size and 32 evenly
-    spaced 64 KiB blocks (2 MiB read for any size; every block changes when training changes the weights).
-    None when the folder holds no weights."""
-    files = weight_files(folder)
-    if not files:
+    """A cheap fingerprint of the weights in ``folder`` (16 hex digits of
+    :func:`dialogsum.checkpointing.weights_digest`: each weight file's name, size, first MiB and 16 blocks spread
+    over the rest); None when the folder holds no weights (a hub id, a folder of results only)."""
+    from dialogsum.checkpointing import weights_digest
+    from dialogsum.modeling import weight_files
+
+    if not Path(folder).is_dir() or not weight_files(folder):
         return None
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.name}\0{size}\0".encode())
-        with open(file, "rb") as stream:
-            if size <= _BLOCKS * _BLOCK:
-                digest.update(stream.read())
-                continue
-            for i in range(_BLOCKS):
-                stream.seek((size - _BLOCK) * i // (_BLOCKS - 1))
-                digest.update(stream.read(_BLOCK))
-    return digest.hexdigest()[:16]
+    return weights_digest(Path(folder))[:16]
 
 
 def weights_record(folder: str | Path | None, step: int | None, source: str | None = None) -> dict[str, Any]:

@@ -163,6 +163,8 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
     # 3. the model's own folder as output
     model_copy = Path(shutil.copytree(model_dir, root / "model_copy"))
 
+    continued = copy_of_run("continued_without_eval")  # trained further with --do_eval false
+
     # 4. --overwrite_output_dir over a finished LoRA run with checkpoints (and a user's own file)
     overwritten = copy_of_run("overwritten")
     (overwritten / "notes.txt").write_text("mine")
@@ -236,6 +238,15 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
         assert sorted(p.name for p in overwritten.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
         assert f"resumed from {overwritten / 'checkpoint-1'} at step 1" in proc.stderr
         assert json.loads((overwritten / "metrics.json").read_text())["method"] == "full"
+
+    def results_of_the_final_weights(proc: subprocess.CompletedProcess) -> None:
+        from dialogsum.results import check_results_belong, weights_fingerprint
+
+        metrics = json.loads((continued / "metrics.json").read_text())
+        assert metrics["weights"]["step"] == 3 and metrics["weights"]["fingerprint"] == weights_fingerprint(continued)
+        assert not (continued / "predictions.jsonl").exists()  # the stale predictions of step 2 went
+        assert "weights at step 3" in (continued / "report.md").read_text()
+        check_results_belong(continued, metrics, [])
 
     def summaries_on_stdout(proc: subprocess.CompletedProcess) -> None:
         rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -547,6 +558,14 @@ def _build_cases(root: Path, model_dir: Path, data_dir: Path, run: Path) -> dict
             [f"--output_dir {config_inside} contains the --config {config_in_out}"],
             unchanged=[config_inside],
         ),
+        "continuing a finished run with --do_eval false (trains)": Case(
+            "train_lora.py",
+            _run_args(model_dir, data_dir, continued, "--max_train_steps", "3", "--checkpointing_steps", "1")
+            + ["--resume_from_checkpoint", "latest", "--do_eval", "false"],
+            [],
+            exit_code=0,
+            check=results_of_the_final_weights,
+        ),
         "summarize output_file is a FIFO": Case(
             "summarize.py",
             summarize("--output_file", str(fifo), "--overwrite_output_file"),
@@ -681,6 +700,7 @@ CASE_NAMES = [
     "resume a checkpoint elsewhere into a used run folder",
     "output_dir is inside the checkpoint being resumed",
     "output_dir contains the --config file",
+    "continuing a finished run with --do_eval false (trains)",
     "summarize output_file is a FIFO",
     "summarize output_file links to a character device",
     "summarize output_file - is standard output",
