@@ -341,6 +341,19 @@ SECTIONS: dict[str, type] = {
 }
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, except that text holding U+0085, U+2028 or U+2029 is written double-quoted (escaped):
+    in its plain or single-quoted style PyYAML writes them raw, and reading folds U+0085 into a space."""
+
+
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    style = '"' if any(c in text for c in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_ConfigDumper.add_representer(str, _represent_text)
+
+
 @dataclass
 class Config:
     """A resolved run configuration: one dataclass per concern plus the method (``full`` or ``lora``)."""
@@ -369,7 +382,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (same keys as the flags), atomically."""
-        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        write_text(path, yaml.dump(self.to_dict(), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True))
 
     @property
     def learning_rate(self) -> float:
