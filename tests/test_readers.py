@@ -272,3 +272,29 @@ def test_a_log_cut_mid_line_keeps_its_whole_lines(tmp_path: Path) -> None:
         parse_jsonl(text, "log")
     with pytest.raises(UserError, match="log: line 2 is not valid JSON"):  # only the unfinished last line may go
         parse_jsonl('{"step": 1}\n{"st\n{"step": 3}\n', "log", cut_end_ok=True)
+
+
+@PROPERTY
+@given(
+    data=st.one_of(st.binary(max_size=300), st.lists(JSON_VALUES, max_size=4).map(lambda v: jsonl_text_of(v))),
+    suffix=st.sampled_from([*SUFFIXES, ".txt", ""]),
+)
+def test_summarize_and_compare_inputs_of_any_shape(data: bytes, suffix: str) -> None:
+    """summarize.py's --input_file and compare.py's predictions.jsonl: their values, or one UserError line."""
+    from dialogsum.comparison import _load_predictions
+    from dialogsum.config import DataArguments
+    from dialogsum.inference import read_dialogues
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"input{suffix}"
+        path.write_bytes(data)
+        for read in (lambda: read_dialogues(str(path), DataArguments()), lambda: _load_predictions(path)):
+            try:
+                read()
+            except UserError as exc:
+                assert str(exc) and "\n" not in str(exc), repr(str(exc))
+
+
+def jsonl_text_of(values: list) -> bytes:
+    """JSON values as JSON lines (objects or not), for the property tests."""
+    return "".join(json.dumps(v) + "\n" for v in values).encode()
