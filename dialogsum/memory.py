@@ -1,0 +1,538 @@
+"""Memory estimate of a FLAN-T5 training run, per GPU and per host, before anything is downloaded or launched.
+
+Sizes come from the architecture alone: the FLAN-T5 presets below (or a local ``config.json``) give every parameter
+tensor's shape, hence the exact parameter count, the LoRA parameters (as peft adds them) and Adafactor's factored
+state. Four launch strategies, each an accelerate config of this project:
+
+=================  ===================================  ====================================================
+strategy           config                               what each GPU holds
+=================  ===================================  ====================================================
+ddp                single_gpu.yaml / multi_gpu.yaml     fp32 weights (autocast computes in bf16), fp32
+                                                        gradients (+ DDP's bucket copy), optimizer state
+zero2              deepspeed_zero2.yaml                 bf16 weights; gradients and optimizer state / N
+zero3              deepspeed_zero3.yaml                 bf16 weights, gradients and optimizer state / N, plus
+                                                        the largest layer gathered
+zero3_offload      deepspeed_zero3_offload.yaml         the largest layer gathered; the rest in host RAM
+=================  ===================================  ====================================================
+
+DeepSpeed's accounting per parameter (its own estimators, ``estimate_zero2/3_model_states_mem_needs``): 2 bytes of
+bf16 weights, 2 + 4 bytes of bf16 and fp32 gradients, 4 + 8 bytes of fp32 master weights and Adam moments (18
+bytes per trainable parameter besides the weights), 4 bytes per parameter of the largest layer gathered under
+ZeRO-3, and host memory scaled by its ``additional_buffer_factor`` of 1.5. The model-state figures here follow it
+exactly for full fine-tuning with AdamW (tests/test_memory.py checks that), and extend it to frozen parameters
+(LoRA) and to Adafactor.
+
+Activations are counted tensor by tensor from what autograd keeps for the backward pass of a T5 block (eager
+attention, gated-GELU feed-forward, dropout in training mode), at the given batch and padded lengths; gradient
+checkpointing keeps each block's input and recomputes one block at a time. The logits add the log-softmax that the
+cross-entropy keeps plus two transient copies in its backward pass. docs/benchmarks.md compares the estimate with
+measured peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dialogsum.errors import UserError
+
+GIB = 2**30
+STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload")
+CONFIGS = {
+    "zero2": "deepspeed_zero2.yaml",
+    "zero3": "deepspeed_zero3.yaml",
+    "zero3_offload": "deepspeed_zero3_offload.yaml",
+}
+#: DeepSpeed's estimators multiply host memory by this (pinned buffers, fragmentation).
+HOST_BUFFER_FACTOR = 1.5
+#: CUDA context, cuBLAS workspaces and allocator slack per GPU (an assumption, not measured here).
+GPU_RUNTIME_BYTES = 1 * GIB
+#: The share of a GPU's memory an estimate may fill and still "fit" (the allocator fragments the rest).
+USABLE_SHARE = 0.95
+#: The names peft's ``all-linear`` selects in a T5 (every Linear but the output layer).
+ALL_LINEAR = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
+
+
+@dataclass(frozen=True)
+class T5Dims:
+    """The sizes of a (FLAN-)T5 v1.1 architecture."""
+
+    d_model: int
+    d_ff: int
+    num_heads: int
+    num_layers: int
+    num_decoder_layers: int
+    d_kv: int = 64
+    vocab_size: int = 32128
+    relative_attention_num_buckets: int = 32
+    gated: bool = True
+    """gated-gelu feed-forward (wi_0, wi_1, wo) rather than relu (wi, wo)."""
+    tied: bool = False
+    """lm_head shares the embedding (FLAN-T5 has its own)."""
+    dropout_rate: float = 0.1
+
+    @property
+    def inner(self) -> int:
+        """Attention width: heads x d_kv."""
+        return self.num_heads * self.d_kv
+
+
+#: FLAN-T5 sizes (the published config.json files), so that no download is needed.
+PRESETS = {
+    "flan-t5-small": T5Dims(d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
+    "flan-t5-base": T5Dims(d_model=768, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12),
+    "flan-t5-large": T5Dims(d_model=1024, d_ff=2816, num_heads=16, num_layers=24, num_decoder_layers=24),
+    "flan-t5-xl": T5Dims(d_model=2048, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
+    "flan-t5-xxl": T5Dims(d_model=4096, d_ff=10240, num_heads=64, num_layers=24, num_decoder_layers=24),
+}
+
+
+def resolve_dims(model: str) -> T5Dims:
+    """A preset (``flan-t5-large``, ``google/flan-t5-xl``, ``large``) or a directory/``config.json`` of a T5."""
+    name = model.rsplit("/", 1)[-1].lower()
+    for key in (name, f"flan-t5-{name}"):
+        if key in PRESETS and not Path(model).exists():
+            return PRESETS[key]
+    path = Path(model)
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise UserError(
+            f"--model {model}: not one of {', '.join(PRESETS)} and no config.json there (give a model folder)"
+        )
+    try:
+        c = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {model}: cannot read {config}: {exc}") from exc
+    if "t5" not in str(c.get("model_type", "")).lower():
+        raise UserError(f"--model {model}: model_type {c.get('model_type')!r} is not a T5; the estimate covers T5s")
+    return T5Dims(
+        d_model=c["d_model"],
+        d_ff=c["d_ff"],
+        num_heads=c["num_heads"],
+        num_layers=c["num_layers"],
+        num_decoder_layers=c.get("num_decoder_layers") or c["num_layers"],
+        d_kv=c.get("d_kv", 64),
+        vocab_size=c["vocab_size"],
+        relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
+        gated=str(c.get("feed_forward_proj", "relu")).startswith("gated"),
+        # FLAN-T5 checkpoints carry their own lm_head whatever the flag says (see dialogsum.modeling.load_model)
+        tied=False,
+        dropout_rate=c.get("dropout_rate", 0.1),
+    )
+
+
+# --------------------------------------------------------------------------------------------- parameters
+
+
+def parameter_shapes(dims: T5Dims) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter tensor of ``T5ForConditionalGeneration`` as (module name, shape); Linear weights are
+    (out, in). The shared embedding is listed once."""
+    d, f, i, h = dims.d_model, dims.d_ff, dims.inner, dims.num_heads
+    attention = [("q", (i, d)), ("k", (i, d)), ("v", (i, d)), ("o", (d, i))]
+    ff = [("wi_0", (f, d)), ("wi_1", (f, d)), ("wo", (d, f))] if dims.gated else [("wi", (f, d)), ("wo", (d, f))]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("shared", (dims.vocab_size, d))]
+    for stack, layers, cross in (("encoder", dims.num_layers, False), ("decoder", dims.num_decoder_layers, True)):
+        for n in range(layers):
+            block = [*attention, ("layer_norm", (d,))]
+            if cross:
+                block += [*attention, ("layer_norm", (d,))]
+            block += [*ff, ("layer_norm", (d,))]
+            shapes += [(f"{stack}.{n}.{name}", shape) for name, shape in block]
+            if n == 0:
+                shapes.append((f"{stack}.0.relative_attention_bias", (dims.relative_attention_num_buckets, h)))
+        shapes.append((f"{stack}.final_layer_norm", (d,)))
+    if not dims.tied:
+        shapes.append(("lm_head", (dims.vocab_size, d)))
+    return shapes
+
+
+def count_parameters(dims: T5Dims) -> int:
+    """The model's parameters (flan-t5-base: 247,577,856)."""
+    return sum(math.prod(shape) for _, shape in parameter_shapes(dims))
+
+
+def largest_layer(dims: T5Dims) -> int:
+    """Parameters of the largest single module (the embedding or lm_head): what ZeRO-3 gathers at once."""
+    return max(math.prod(shape) for _, shape in parameter_shapes(dims))
+
+
+def linear_parameters(dims: T5Dims) -> int:
+    """Parameters of the Linear layers (attention, feed-forward, lm_head): what autocast casts to bf16."""
+    return sum(
+        math.prod(shape)
+        for name, shape in parameter_shapes(dims)
+        if len(shape) == 2 and name != "shared" and not name.endswith("relative_attention_bias")
+    )
+
+
+def lora_parameters(dims: T5Dims, r: int, targets: list[str] | tuple[str, ...]) -> int:
+    """LoRA's trainable parameters as peft adds them: ``r x (in + out)`` per targeted Linear (``all-linear``: every
+    Linear but lm_head). flan-t5-base, r=32 on q and v: 3,538,944."""
+    names = set(ALL_LINEAR if "all-linear" in targets else targets)
+    return sum(r * (shape[0] + shape[1]) for name, shape in parameter_shapes(dims) if name.rsplit(".", 1)[-1] in names)
+
+
+def adafactor_state_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """transformers' Adafactor state without momentum (beta1 None): a row and a column second moment per matrix,
+    a full one per vector, and one RMS value per tensor, all fp32 (the step counter is a Python number)."""
+    total = 0
+    for shape in shapes:
+        factored = len(shape) >= 2
+        total += 4 * (shape[-2] + shape[-1] if factored else math.prod(shape)) + 4
+    return total
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+
+def activation_bytes(
+    dims: T5Dims,
+    batch: int,
+    source_len: int,
+    target_len: int,
+    precision: str = "bf16",
+    gradient_checkpointing: bool = False,
+    device: str = "cuda",
+) -> int:
+    """Bytes autograd keeps for the backward pass of one micro-batch (peak of the step), padded lengths.
+
+    ``precision`` bf16: autocast (matmul outputs 2 bytes, the residual stream, layer norms and softmax 4, and each
+    Linear keeps its own bf16 copy of its input); fp32: everything 4 bytes. Dropout (training mode) keeps a
+    1-byte mask on a GPU, its input and a noise tensor on a CPU.
+    """
+    s, t, d, f, i, a, v = source_len, target_len, dims.d_model, dims.d_ff, dims.inner, dims.num_heads, dims.vocab_size
+    e = 2 if precision == "bf16" else 4
+    ea = 4 if device == "cpu" else e  # attention matmul operands (CPU autocast runs those matmuls in fp32)
+    dropout = dims.dropout_rate > 0
+
+    def drop(width: int) -> int:  # what one dropout keeps, per element: a mask (GPU) or its noise (CPU)
+        return 0 if not dropout else 1 if device == "cuda" else width
+
+    def norm_into(linears: int) -> int:  # RMS norm (input, normalized, fp32) and the input the Linears keep
+        return 8 + (2 * linears if e == 2 else 4)
+
+    def probs(queries: int, keys: int) -> int:  # softmax output (fp32), its dropout, what the value matmul reads
+        if dropout:
+            return a * queries * keys * (4 + drop(4 if device == "cpu" else e) + ea)
+        return a * queries * keys * (4 + (0 if ea == 4 else ea))
+
+    def attention(queries: int, keys: int, linears: int) -> int:
+        # norm + q/k/v inputs, output dropout; q and the output projection's input; k and v; probabilities
+        return (
+            queries * d * (norm_into(linears) + drop(e))
+            + queries * i * (e + ea)
+            + 2 * keys * i * ea
+            + probs(queries, keys)
+        )
+
+    def feed_forward(tokens: int) -> int:  # gated: wi_0 out (GELU input), GELU out, wi_1 out, wo's input
+        width = 4 * e if dims.gated else 2 * e
+        return tokens * (d * (norm_into(2 if dims.gated else 1) + drop(e)) + f * (width + drop(e)))
+
+    encoder_layer = attention(s, s, 3) + feed_forward(s)
+    decoder_layer = attention(t, t, 3) + attention(t, s, 1) + feed_forward(t)
+    if e == 2:  # bf16: the decoder keeps its k/v outputs besides the matmul copies; cross k/v cast the encoder output
+        decoder_layer += 2 * (s + t) * i * e + 2 * s * d * e
+    # embeddings' dropout, final norms and their dropout, the encoder output (fp32, read by every cross-attention),
+    # lm_head's input, and the logits: log-softmax kept (fp32) + its gradient and the logits' gradient
+    rest = (s + t) * d * (8 + 2 * drop(4)) + s * d * 4 + t * d * e + 3 * t * v * 4
+    if gradient_checkpointing:
+        kept = (dims.num_layers * s + dims.num_decoder_layers * t) * d * 4  # each block's input
+        per_example = kept + max(encoder_layer, decoder_layer) + rest
+    else:
+        per_example = dims.num_layers * encoder_layer + dims.num_decoder_layers * decoder_layer + rest
+    # position biases (+ mask), one per attention kind, shared by the layers of a stack
+    per_example += 4 * a * (s * s + t * t + t * s)
+    return batch * per_example
+
+
+# --------------------------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU and per host of one strategy, by component."""
+
+    strategy: str
+    config: str
+    gpu: dict[str, int]
+    host: dict[str, int]
+    gpu_bytes: int = 0
+    host_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gpu_bytes = sum(self.gpu.values())
+        self.host_bytes = sum(self.host.values())
+
+    def fits(self, gpu_memory_gb: float) -> bool:
+        """Whether the per-GPU estimate fits a GPU of ``gpu_memory_gb`` GiB (:data:`USABLE_SHARE` of it)."""
+        return self.gpu_bytes <= gpu_memory_gb * GIB * USABLE_SHARE
+
+
+@dataclass
+class Setup:
+    """What is trained, where, at which batch and lengths."""
+
+    dims: T5Dims
+    method: str = "full"
+    optim: str = "adamw"
+    num_gpus: int = 1
+    num_nodes: int = 1
+    batch: int = 8
+    source_len: int = 512
+    target_len: int = 128
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    lora_r: int = 32
+    lora_targets: tuple[str, ...] = ("q", "v")
+    device: str = "cuda"
+
+    @property
+    def total(self) -> int:
+        """Every parameter, adapters included."""
+        return count_parameters(self.dims) + (self.trainable if self.method == "lora" else 0)
+
+    @property
+    def trainable(self) -> int:
+        """Parameters that get gradients and optimizer state."""
+        if self.method == "lora":
+            return lora_parameters(self.dims, self.lora_r, self.lora_targets)
+        return count_parameters(self.dims)
+
+    @property
+    def per_host(self) -> int:
+        """Processes (GPUs) on each host."""
+        return math.ceil(self.num_gpus / self.num_nodes)
+
+
+def model_state_bytes(setup: Setup, strategy: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(per GPU, per host) bytes of weights, gradients and optimizer state for ``strategy``.
+
+    Host memory: each process loads the fp32 model before ``prepare`` shards it (the configs load without
+    ``zero3_init``), and ZeRO-3 offload keeps the offloaded states there; the larger of the two, times DeepSpeed's
+    buffer factor.
+    """
+    total, trainable, n, per_host = setup.total, setup.trainable, setup.num_gpus, setup.per_host
+    adafactor = setup.optim == "adafactor"
+    load = 4 * total * per_host
+    if strategy == "ddp":
+        trained_shapes = _trainable_shapes(setup)
+        optimizer = adafactor_state_bytes(trained_shapes) if adafactor else 8 * trainable
+        # autocast keeps the bf16 copy of every Linear weight it made until the backward pass has used it
+        copies = 2 * linear_parameters(setup.dims) if setup.precision == "bf16" else 0
+        gpu = {
+            "weights": 4 * total + copies,
+            "gradients": 4 * trainable * (2 if n > 1 else 1),  # DDP's buckets are a second copy
+            "optimizer": optimizer,
+        }
+        return gpu, {"model load (fp32 per process)": int(load * HOST_BUFFER_FACTOR)}
+    # DeepSpeed (bf16): bf16 weights; fp32 master weights in the optimizer; bf16 + fp32 gradients. Under ZeRO the
+    # optimizer sees flat partitions, so Adafactor cannot factor them: one fp32 second moment per parameter.
+    moments = 4 if adafactor else 8
+    weight_bytes = 2 if setup.precision == "bf16" else 4
+    master = 4 if setup.precision == "bf16" else 0
+    grad_bytes = 6 if setup.precision == "bf16" else 4
+    if strategy == "zero2":
+        gpu = {
+            "weights": weight_bytes * total,
+            "gradients": grad_bytes * trainable // n,
+            "optimizer": (master + moments) * trainable // n,
+        }
+        return gpu, {"model load (fp32 per process)": int(load * HOST_BUFFER_FACTOR)}
+    gathered = 4 * largest_layer(setup.dims)
+    if strategy == "zero3":
+        gpu = {
+            "weights": weight_bytes * total // n + gathered,
+            "gradients": grad_bytes * trainable // n,
+            "optimizer": (master + moments) * trainable // n,
+        }
+        return gpu, {"model load (fp32 per process)": int(load * HOST_BUFFER_FACTOR)}
+    if strategy == "zero3_offload":
+        offloaded = (weight_bytes * total + (grad_bytes + master + moments) * trainable) / setup.num_nodes
+        gpu = {"weights": gathered, "gradients": 0, "optimizer": 0}
+        host = max(load, offloaded) * HOST_BUFFER_FACTOR
+        label = "offloaded states" if offloaded >= load else "model load (fp32 per process)"
+        return gpu, {label: int(host)}
+    raise UserError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+
+
+def _trainable_shapes(setup: Setup) -> list[tuple[int, ...]]:
+    if setup.method != "lora":
+        return [shape for _, shape in parameter_shapes(setup.dims)]
+    names = set(ALL_LINEAR if "all-linear" in setup.lora_targets else setup.lora_targets)
+    targeted = [shape for name, shape in parameter_shapes(setup.dims) if name.rsplit(".", 1)[-1] in names]
+    return [s for out, inp in targeted for s in ((setup.lora_r, inp), (out, setup.lora_r))]
+
+
+def config_for(strategy: str, num_gpus: int) -> str:
+    """The accelerate config of ``strategy`` (``accelerate_configs/<name>``)."""
+    if strategy == "ddp":
+        return "single_gpu.yaml" if num_gpus == 1 else "multi_gpu.yaml"
+    return CONFIGS[strategy]
+
+
+def estimate(setup: Setup) -> list[Estimate]:
+    """Every strategy's per-GPU and per-host memory for ``setup``."""
+    activations = activation_bytes(
+        setup.dims,
+        setup.batch,
+        setup.source_len,
+        setup.target_len,
+        setup.precision,
+        setup.gradient_checkpointing,
+        setup.device,
+    )
+    results = []
+    for strategy in STRATEGIES:
+        gpu, host = model_state_bytes(setup, strategy)
+        gpu = {**gpu, "activations": activations}
+        if setup.device == "cuda":
+            gpu["CUDA runtime (assumed)"] = GPU_RUNTIME_BYTES
+        results.append(Estimate(strategy, config_for(strategy, setup.num_gpus), gpu, host))
+    return results
+
+
+def recommend(estimates: list[Estimate], gpu_memory_gb: float) -> Estimate | None:
+    """The first strategy (fastest first: DDP, ZeRO-2, ZeRO-3, ZeRO-3 offload) whose estimate fits the GPU."""
+    return next((e for e in estimates if e.fits(gpu_memory_gb)), None)
+
+
+def gib(value: float) -> str:
+    """``12.34 GiB``."""
+    return f"{value / GIB:.2f} GiB"
+
+
+def report(setup: Setup, estimates: list[Estimate], gpu_memory_gb: float | None) -> str:
+    """The estimate as a text table, with the config that fits ``gpu_memory_gb`` (if given)."""
+    d = setup.dims
+    lines = [
+        f"T5 d_model {d.d_model}, d_ff {d.d_ff}, {d.num_heads} heads, {d.num_layers}+{d.num_decoder_layers} layers: "
+        f"{setup.total:,} parameters, {setup.trainable:,} trainable ({setup.method}, {setup.optim})",
+        f"{setup.num_gpus} GPU(s) on {setup.num_nodes} host(s); per-device batch {setup.batch}, lengths "
+        f"{setup.source_len}/{setup.target_len} (padded), {setup.precision}, gradient checkpointing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}",
+        "",
+        f"{'strategy':<14} {'weights':>10} {'gradients':>10} {'optimizer':>10} {'activations':>12} "
+        f"{'per GPU':>10} {'per host':>10}  config",
+    ]
+    for e in estimates:
+        g = e.gpu
+        row = [g["weights"], g["gradients"], g["optimizer"], g["activations"]]
+        cells = " ".join(f"{x / GIB:>10.2f}" for x in row[:3]) + f" {row[3] / GIB:>12.2f}"
+        fit = ""
+        if gpu_memory_gb is not None:
+            fit = "  fits" if e.fits(gpu_memory_gb) else "  too big"
+        lines.append(
+            f"{e.strategy:<14} {cells} {e.gpu_bytes / GIB:>10.2f} {e.host_bytes / GIB:>10.2f}  {e.config}{fit}"
+        )
+    lines.append(
+        "(GiB; per GPU includes 1 GiB assumed for the CUDA runtime; per host: peak at model load or of the"
+        " offloaded states, x1.5 as DeepSpeed estimates)"
+    )
+    if gpu_memory_gb is not None:
+        best = recommend(estimates, gpu_memory_gb)
+        if best is None:
+            lines.append(
+                f"nothing fits {gpu_memory_gb:g} GB per GPU: lower --batch, add --gradient_checkpointing, use LoRA "
+                "or more GPUs"
+            )
+        else:
+            lines.append(
+                f"fits {gpu_memory_gb:g} GB per GPU: accelerate launch --config_file accelerate_configs/{best.config}"
+                f" --num_processes {setup.num_gpus} ({best.strategy}, {gib(best.gpu_bytes)} per GPU)"
+            )
+    return "\n".join(lines)
+
+
+def as_json(setup: Setup, estimates: list[Estimate]) -> dict[str, Any]:
+    """The estimate as a JSON-ready dict (bytes)."""
+    return {
+        "parameters": setup.total,
+        "trainable": setup.trainable,
+        "strategies": {
+            e.strategy: {
+                "config": e.config,
+                "gpu": e.gpu,
+                "gpu_bytes": e.gpu_bytes,
+                "host": e.host,
+                "host_bytes": e.host_bytes,
+            }
+            for e in estimates
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(model_dir: str, setup: Setup, steps: int = 3) -> dict[str, int]:
+    """Train ``steps`` optimizer steps on the CPU, fp32, of ``model_dir``'s architecture (random weights, own
+    lm_head) with this project's model building, LoRA wrapping and optimizer, on random tokens of the setup's
+    batch and lengths; return the peak resident memory above the process's before the model was built (sampled
+    every millisecond), the model's share of it, and the optimizer state's bytes (its tensors summed)."""
+    import threading
+
+    import torch
+
+    from dialogsum.config import build_config
+    from dialogsum.fast_layers import use_fast_layers
+    from dialogsum.modeling import apply_lora, enable_gradient_checkpointing, model_from_config
+    from dialogsum.training import build_optimizer
+
+    values = {"output_dir": "unused", "optim": setup.optim, "lora_r": setup.lora_r}
+    values["lora_target_modules"] = list(setup.lora_targets)
+    cfg = build_config(setup.method, values)
+    baseline, peak, running = _rss_bytes(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        model = use_fast_layers(model_from_config(model_dir))
+        model_bytes = _rss_bytes() - baseline
+        if setup.method == "lora":
+            model = apply_lora(model, cfg.lora, setup.gradient_checkpointing)
+        if setup.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        optimizer = build_optimizer(model, cfg)
+        generator = torch.Generator().manual_seed(0)
+        vocab = setup.dims.vocab_size
+        batch = {
+            "input_ids": torch.randint(2, vocab, (setup.batch, setup.source_len), generator=generator),
+            "labels": torch.randint(2, vocab, (setup.batch, setup.target_len), generator=generator),
+        }
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    finally:
+        running[0] = False
+        sampler.join()
+    return {"peak_bytes": peak[0] - baseline, "model_bytes": model_bytes, "optimizer_state_bytes": state}
+
+
+def measured_report(measured: dict[str, int], single: Estimate) -> str:
+    """The measured peak beside the one-process (``ddp``) estimate."""
+    return (
+        f"measured on this CPU: peak {gib(measured['peak_bytes'])} above the process before the model "
+        f"(estimate {gib(single.gpu_bytes)}), model {gib(measured['model_bytes'])} "
+        f"(estimate {gib(single.gpu['weights'])}), optimizer state {gib(measured['optimizer_state_bytes'])} "
+        f"(estimate {gib(single.gpu['optimizer'])})"
+    )
