@@ -17,10 +17,10 @@ zero3_offload      deepspeed_zero3_offload.yaml         the largest layer gather
 
 DeepSpeed's accounting per parameter (its own estimators, ``estimate_zero2/3_model_states_mem_needs``): 2 bytes of
 bf16 weights, 2 + 4 bytes of bf16 and fp32 gradients, 4 + 8 bytes of fp32 master weights and Adam moments (18
-bytes per trainable parameter besides the weights), 4 bytes per parameter of the largest layer gathered under
-ZeRO-3, and host memory scaled by its ``additional_buffer_factor`` of 1.5. The model-state figures here follow it
-exactly for full fine-tuning with AdamW (tests/test_memory.py checks that), and extend it to frozen parameters
-(LoRA) and to Adafactor.
+bytes per trainable parameter besides the weights; 16 under ZeRO-3, which keeps no full-size bf16 gradients), 4
+bytes per parameter of the largest layer gathered under ZeRO-3, and host memory scaled by its
+``additional_buffer_factor`` of 1.5. The model-state figures here follow it exactly for full fine-tuning with AdamW
+(tests/test_memory.py checks that), and extend it to frozen parameters (LoRA) and to Adafactor.
 
 Activations are counted tensor by tensor from what autograd keeps for the backward pass of a T5 block (eager
 attention, gated-GELU feed-forward, dropout in training mode), at the given batch and padded lengths; gradient
@@ -346,6 +346,8 @@ def model_state_bytes(setup: Setup, strategy: str) -> tuple[dict[str, int], dict
         }
         return gpu, {"model load (fp32 per process)": int(load * HOST_BUFFER_FACTOR)}
     gathered = 4 * largest_layer(setup.dims)
+    if setup.precision == "bf16":
+        grad_bytes = 4  # ZeRO-3 reduces into fp32 partitions only (no full-size bf16 gradient buffer)
     if strategy == "zero3":
         gpu = {
             "weights": weight_bytes * total // n + gathered,

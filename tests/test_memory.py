@@ -1,0 +1,113 @@
+"""The memory estimate (dialogsum/memory.py): exact parameter counts, DeepSpeed's own model-state estimators, the
+script's output and refusals. Measured peaks are a documented command (docs/benchmarks.md), not a test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import REPO, run_script
+
+from dialogsum import memory
+
+
+def test_parameter_counts_are_the_architectures(flan_t5_base_dir) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    dims = memory.resolve_dims(str(flan_t5_base_dir))
+    assert dims == memory.PRESETS["flan-t5-base"]
+    assert memory.count_parameters(dims) == 247_577_856
+    assert memory.lora_parameters(dims, 32, ["q", "v"]) == 3_538_944
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(flan_t5_base_dir)))
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # lm_head tied here (transformers 5)
+        lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]))
+        trainable, _ = lora.get_nb_trainable_parameters()
+    assert sum(math.prod(s) for s in shapes.values()) + dims.vocab_size * dims.d_model == 247_577_856
+    assert sorted(s for _, s in memory.parameter_shapes(dims) if _ != "lm_head") == sorted(shapes.values())
+    assert memory.lora_parameters(dims, 8, ["all-linear"]) == trainable
+    assert memory.largest_layer(dims) == 32128 * 768
+    large = memory.PRESETS["flan-t5-large"]
+    assert memory.count_parameters(large) == 783_150_080
+
+
+def test_adafactor_state_matches_transformers_adafactor(tiny_model_dir) -> None:
+    from transformers import AutoModelForSeq2SeqLM
+
+    from dialogsum.config import build_config
+    from dialogsum.training import build_optimizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    optimizer = build_optimizer(model, build_config("full", {"optim": "adafactor", "output_dir": "x"}))
+    model(input_ids=torch.tensor([[5, 6, 1]]), labels=torch.tensor([[7, 1]])).loss.backward()
+    optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    assert memory.adafactor_state_bytes([tuple(p.shape) for p in model.parameters()]) == state
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_model_states_match_deepspeeds_estimators(gpus: int, capsys: pytest.CaptureFixture) -> None:
+    """Full fine-tuning with AdamW in bf16: per GPU and per host exactly DeepSpeed's figures (which assume
+    Adam, 16-bit weights and no zero.Init, as the shipped configs)."""
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_cold,
+    )
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_cold,
+    )
+
+    for name in ("flan-t5-large", "flan-t5-xl"):
+        setup = memory.Setup(dims=memory.PRESETS[name], num_gpus=gpus)
+        total, largest = setup.total, memory.largest_layer(setup.dims)
+
+        def ours(strategy: str, setup: memory.Setup = setup) -> tuple[int, int]:
+            gpu, host = memory.model_state_bytes(setup, strategy)
+            return sum(host.values()), sum(gpu.values())
+
+        zero2 = estimate_zero2_model_states_mem_needs(total, gpus, 1, cpu_offload=False)
+        zero3 = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, cpu_offload=False, zero_init=False)
+        offload = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, True, True, zero_init=False)
+        assert ours("zero2") == pytest.approx(zero2, abs=2)
+        assert ours("zero3") == pytest.approx(zero3[:2], abs=2)
+        assert ours("zero3_offload") == pytest.approx(offload[:2], abs=2)
+        # the printed tables say the same (GB = GiB there, two decimals)
+        estimate_zero2_model_states_mem_needs_all_cold(total, gpus, 1)
+        estimate_zero3_model_states_mem_needs_all_cold(total, largest, gpus, 1)
+        printed = capsys.readouterr().out
+        for cpu, gpu in (zero2, zero3[:2], offload[:2]):
+            assert f"{cpu / 2**30:7.2f}GB | {gpu / 2**30:6.2f}GB" in printed
+
+
+def test_lora_and_adafactor_shrink_the_states() -> None:
+    dims = memory.PRESETS["flan-t5-base"]
+    full = memory.model_state_bytes(memory.Setup(dims=dims), "ddp")[0]
+    lora = memory.model_state_bytes(memory.Setup(dims=dims, method="lora"), "ddp")[0]
+    ada = memory.model_state_bytes(memory.Setup(dims=dims, optim="adafactor"), "ddp")[0]
+    assert full["optimizer"] == 8 * 247_577_856 and lora["optimizer"] == 8 * 3_538_944
+    assert ada["optimizer"] < full["optimizer"] / 100  # factored second moments, no momentum
+    assert lora["gradients"] == 4 * 3_538_944
+
+
+def test_script_names_the_config_that_fits_and_refuses_bad_input(tmp_path) -> None:
+    script = str(REPO / "scripts" / "estimate_memory.py")
+    proc = run_script(["python", script, "--model", "flan-t5-xl", "--num_gpus", "8", "--gpu_memory_gb", "40"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2,849,757,184 parameters" in proc.stdout
+    fits = [x for x in proc.stdout.splitlines() if x.startswith("fits 40 GB per GPU")]
+    assert len(fits) == 1 and "--num_processes 8" in fits[0] and "deepspeed_zero" in fits[0], proc.stdout
+    proc = run_script(["python", script, "--model", "flan-t5-base", "--json"])
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert result["parameters"] == 247_577_856 and set(result["strategies"]) == set(memory.STRATEGIES)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart"}))
+    for args, message in (
+        (["--model", "flan-t5-huge"], "error: --model flan-t5-huge: not one of flan-t5-small"),
+        (["--model", str(tmp_path)], "is not a T5"),
+        (["--batch", "0"], "error: --batch must be > 0, got 0"),
+    ):
+        proc = run_script(["python", script, *args])
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
