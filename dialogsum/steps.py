@@ -59,7 +59,7 @@ from dialogsum.run_folder import (
     start_output_dir,
 )
 from dialogsum.tracking import peak_memory_mb, provenance, resolve_trackers
-from dialogsum.training import TrainResult, check_mixed_precision
+from dialogsum.training import TrainResult, check_mixed_precision, check_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def check_and_seed(cfg: Config, run: RunPlan, accelerator: Any) -> None:
     from accelerate.utils import set_seed
 
     check_mixed_precision(accelerator.mixed_precision, cfg.model.model_name_or_path)
+    check_optimizer(accelerator, cfg.train.optim)  # Adafactor under optimizer offload would silently be Adam
     if cfg.train.do_train:  # several machines: one checkpoint folder that all of them see, one resume step
         flag = "--checkpoint_dir" if cfg.train.checkpoint_dir else "--output_dir"
         check_shared_folder(accelerator, checkpoint_root(cfg), flag)

@@ -81,6 +81,21 @@ def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None
         )
 
 
+def check_optimizer(accelerator: Any, optim: str) -> None:
+    """Refuse ``--optim adafactor`` under DeepSpeed optimizer offload: accelerate swaps any optimizer there for
+    DeepSpeed's CPU Adam, so the run would silently train with Adam."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if optim == "adamw" or plugin is None:
+        return
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+    if offload.get("device", "none") not in (None, "none"):
+        raise UserError(
+            f"--optim {optim} cannot run with DeepSpeed's optimizer offload (offload_optimizer_device: "
+            f"{offload['device']}): accelerate replaces the optimizer with DeepSpeed's CPU Adam there; use "
+            "deepspeed_zero2.yaml or deepspeed_zero3.yaml, or --optim adamw"
+        )
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """``--optim`` (fused AdamW or Adafactor) over trainable parameters only; no weight decay on biases and
     LayerNorm weights."""

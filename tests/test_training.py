@@ -205,3 +205,23 @@ def test_adafactor_uses_t5_settings_and_factored_state(tiny_model_dir: Path, one
     state = optimizer.state[matrix]
     assert state["exp_avg_sq_row"].shape == (matrix.shape[0],) and state["exp_avg_sq_col"].shape == (matrix.shape[1],)
     assert "exp_avg" not in state and "exp_avg_sq" not in state
+
+
+def test_adafactor_is_refused_under_deepspeed_optimizer_offload() -> None:
+    """accelerate would swap it for DeepSpeed's CPU Adam: refused with one line, before anything loads."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from dialogsum.errors import UserError
+    from dialogsum.training import check_optimizer
+
+    def accelerator(offload: str) -> SimpleNamespace:
+        plugin = DeepSpeedPlugin(zero_stage=3, offload_optimizer_device=offload, offload_param_device=offload)
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    check_optimizer(accelerator("none"), "adafactor")
+    check_optimizer(accelerator("cpu"), "adamw")
+    check_optimizer(SimpleNamespace(state=SimpleNamespace()), "adafactor")  # no DeepSpeed
+    with pytest.raises(UserError, match=r"^--optim adafactor cannot run with DeepSpeed's optimizer offload "):
+        check_optimizer(accelerator("cpu"), "adafactor")
