@@ -433,9 +433,9 @@ def report(setup: Setup, estimates: list[Estimate], gpu_memory_gb: float | None)
         lines.append(
             f"{e.strategy:<14} {cells} {e.gpu_bytes / GIB:>10.2f} {e.host_bytes / GIB:>10.2f}  {e.config}{fit}"
         )
+    runtime = "; per GPU includes 1 GiB assumed for the CUDA runtime" if setup.device == "cuda" else ""
     lines.append(
-        "(GiB; per GPU includes 1 GiB assumed for the CUDA runtime; per host: peak at model load or of the"
-        " offloaded states, x1.5 as DeepSpeed estimates)"
+        f"(GiB{runtime}; per host: peak at model load or of the offloaded states, x1.5 as DeepSpeed estimates)"
     )
     if gpu_memory_gb is not None:
         best = recommend(estimates, gpu_memory_gb)
@@ -535,6 +535,6 @@ def measured_report(measured: dict[str, int], single: Estimate) -> str:
     return (
         f"measured on this CPU: peak {gib(measured['peak_bytes'])} above the process before the model "
         f"(estimate {gib(single.gpu_bytes)}), model {gib(measured['model_bytes'])} "
-        f"(estimate {gib(single.gpu['weights'])}), optimizer state {gib(measured['optimizer_state_bytes'])} "
-        f"(estimate {gib(single.gpu['optimizer'])})"
+        f"(estimate {gib(single.gpu['weights'])}), optimizer state {measured['optimizer_state_bytes']:,} bytes "
+        f"(estimate {single.gpu['optimizer']:,})"
     )
