@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from dialogsum import memory
 from dialogsum.cli import run_cli
@@ -43,6 +44,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("num_gpus", "num_nodes", "batch", "source_len", "target_len", "lora_r", "measure_steps"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.measure and not Path(args.model).is_dir():
+        raise UserError(f"--measure builds the model from a folder's config.json; --model {args.model} is not a folder")
     if args.num_gpus % args.num_nodes:
         raise UserError(f"--num_gpus {args.num_gpus} is not a multiple of --num_nodes {args.num_nodes}")
     return args

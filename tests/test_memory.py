@@ -108,6 +108,7 @@ def test_script_names_the_config_that_fits_and_refuses_bad_input(tmp_path) -> No
         (["--model", "flan-t5-huge"], "error: --model flan-t5-huge: not one of flan-t5-small"),
         (["--model", str(tmp_path)], "is not a T5"),
         (["--batch", "0"], "error: --batch must be > 0, got 0"),
+        (["--measure"], "error: --measure builds the model from a folder's config.json; --model flan-t5-base is"),
     ):
         proc = run_script(["python", script, *args])
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
