@@ -13,6 +13,7 @@ signal, ``--max_time``) prints one ``stopped:`` line and exits with :data:`~dial
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -20,11 +21,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from dialogsum.errors import UserError
+from dialogsum.errors import ConfigError, UserError
 from dialogsum.formatting import shorten
 from dialogsum.preemption import TrainingStopped
+
+
+class FlagParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one ``error:`` line (a :class:`ConfigError`, exit code 2)
+    instead of the usage text and a ``prog: error:`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
 
 
 def setup_logging() -> None:

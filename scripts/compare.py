@@ -12,13 +12,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dialogsum.cli import run_cli
+from dialogsum.cli import FlagParser, run_cli
 from dialogsum.comparison import compare_runs, render_terminal
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags, compare the runs, print the table and the side-by-side samples."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--run",
         action="append",

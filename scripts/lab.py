@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dialogsum.cli import run_cli
+from dialogsum.cli import FlagParser, run_cli
 from dialogsum.config import QUICKSTART_DEFAULTS, build_parser, parse_config
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.inference import EVALUATE_FLAGS
@@ -39,9 +39,7 @@ OWN_FLAGS = ("output_dir", "overwrite_output_dir", "quickstart", "config")
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--output_dir", required=True, help="The lab folder: original/ full/ lora/ comparison/.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace the stages' previous results.")
     parser.add_argument(

@@ -256,3 +256,16 @@ def test_config_yaml_keeps_next_line_and_line_separators(tmp_path: Path) -> None
     cfg.save(tmp_path / "config.yaml")
     again = parse_config(["--config", str(tmp_path / "config.yaml")], "full")
     assert again.data.prompt_template == cfg.data.prompt_template
+
+
+def test_compare_and_lab_flag_errors_are_one_line() -> None:
+    from helpers import REPO
+
+    for script, argv in (
+        ("compare", ["--run", "a=x", "--output_dir", "o", "--seed", "x"]),
+        ("lab", ["--num_samples", "x"]),
+    ):
+        main = runpy.run_path(str(REPO / "scripts" / f"{script}.py"))["main"]
+        with pytest.raises(ConfigError) as caught:
+            main(argv)
+        assert str(caught.value).startswith("argument --") and str(caught.value).endswith(" (see --help)")
