@@ -510,9 +510,34 @@ def load_adapter(model: torch.nn.Module, adapter_path: str) -> torch.nn.Module:
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"{adapter_path} is not a LoRA adapter folder (no adapter_config.json)")
     try:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        adapted = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         base = (json_object_or_none(folder / "adapter_config.json") or {}).get("base_model_name_or_path")
         raise UserError(
             f"adapter {adapter_path} does not fit this model (trained on {base}): {str(exc).splitlines()[0][:200]}"
         ) from exc
+    check_adapter_tensors(adapted, folder)
+    return adapted
+
+
+def check_adapter_tensors(model: torch.nn.Module, folder: Path) -> None:
+    """Refuse an adapter file that misses tensors its config asks for (peft leaves those at their initial values,
+    ``lora_B`` = 0: the adapter silently does less) or holds tensors the config does not place."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # an older .bin adapter: peft reads it; no header to compare cheaply
+    with safe_open(str(weights), framework="pt") as fh:
+        saved = set(fh.keys())
+    expected = set(get_peft_model_state_dict(model))
+    problems = []
+    for found, what in ((sorted(expected - saved), "missing"), (sorted(saved - expected), "unexpected")):
+        if found:
+            problems.append(f"{len(found)} {what} ({_some(found)})")
+    if problems:
+        raise UserError(
+            f"the adapter {folder} does not match its adapter_config.json: tensors {'; '.join(problems)}; "
+            "the folder is incomplete or mixes two adapters: copy or save it again"
+        )

@@ -232,3 +232,19 @@ def test_an_adapter_records_a_base_that_resolves_from_anywhere(
     from peft import AutoPeftModelForSeq2SeqLM
 
     assert AutoPeftModelForSeq2SeqLM.from_pretrained(str(tmp_path / "adapter")) is not None
+
+
+def test_an_adapter_file_missing_tensors_is_refused_naming_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = apply_lora(load_model(str(tiny_model_dir)), LoraArguments(lora_r=4, lora_alpha=8))
+    save_model(Accelerator(cpu=True), model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "a")
+    load_for_inference(str(tiny_model_dir), str(tmp_path / "a"))  # as saved: loads
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    gone = sorted(n for n in tensors if ".block.1." in n and "lora_B" in n)
+    save_file({k: v for k, v in tensors.items() if k not in gone}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(UserError) as error:
+        load_for_inference(str(tiny_model_dir), str(tmp_path / "a"))
+    assert str(error.value).startswith(
+        f"the adapter {tmp_path / 'a'} does not match its adapter_config.json: tensors {len(gone)} missing ({gone[0]}, "
+    )
