@@ -47,6 +47,7 @@ from dialogsum.files import (
     read_input,
     read_json_object,
     read_rows,
+    read_text,
     table_format,
     write_json,
     write_jsonl,
@@ -119,8 +120,8 @@ def _training_config(folder: str | None) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load((Path(folder) / "config.yaml").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
+        data = yaml.safe_load(read_text(Path(folder) / "config.yaml"))
+    except (yaml.YAMLError, UserError, RecursionError):  # a hint only: unreadable means none
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -269,3 +269,19 @@ def test_compare_and_lab_flag_errors_are_one_line() -> None:
         with pytest.raises(ConfigError) as caught:
             main(argv)
         assert str(caught.value).startswith("argument --") and str(caught.value).endswith(" (see --help)")
+
+
+@PROPERTY
+@given(pairs=st.lists(st.tuples(st.sampled_from(FLAGS), TYPED), max_size=4), summarize=st.booleans())
+def test_any_evaluate_or_summarize_command_line_gives_a_config_or_one_error(
+    pairs: list[tuple[str, str]], summarize: bool
+) -> None:
+    from dialogsum.inference import parse_evaluate_args, parse_summarize_args
+
+    argv = ["--output_dir", "out"] if not summarize else []
+    for flag, value in pairs:
+        argv += [f"--{flag}={value}"]
+    try:
+        (parse_summarize_args if summarize else parse_evaluate_args)(argv)
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc).strip(), repr(str(exc))
