@@ -379,6 +379,44 @@ def test_a_rank_failing_alone_prints_its_own_line(tmp_path: Path) -> None:
     assert "]: Traceback" not in proc.stderr  # no process's traceback ([rank0]: ...), only the launcher's report
 
 
+def test_collective_failures_become_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process (a 1-process gloo group; a HashStore as the launcher's store, rank 2 of 4 reporting too): a gloo
+    timeout, also when a failing barrier in a ``finally`` follows it, names the ranks that never reported; a peer
+    that ended and other errors are told apart."""
+    import torch.distributed as dist
+
+    from dialogsum import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "ARRIVAL_GRACE_S", 0.2)
+    monkeypatch.setattr(distributed, "PROGRESS", distributed.Progress(where="training step 7", timeout_s=60))
+    store = dist.HashStore()
+    store.set("dialogsum/arrived/0/2", "training step 7")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        try:
+            try:
+                raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv")
+            finally:
+                raise RuntimeError("Application timeout caused pair closure")  # noqa: B012 - as finish()'s barrier
+        except RuntimeError as exc:
+            chained = exc
+        message = distributed.collective_failure_message(chained, store)
+        assert message is not None and message.startswith(
+            "a collective at training step 7 timed out after --ddp_timeout 60 s: ranks 1, 3 did not arrive (stopped, "
+        )
+        assert store.check(["dialogsum/arrived/0/0"])  # this process reported itself
+        assert "another process did not arrive" in str(distributed.collective_failure_message(chained, None))
+        peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:430.")
+        assert distributed.collective_failure_message(peer, None) == (
+            "a collective at training step 7 failed: another process ended (its own error is printed above)"
+        )
+        assert distributed.collective_failure_message(ValueError("timed out"), store) is None
+    finally:
+        dist.destroy_process_group()
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     """The pid of the launched process with RANK=rank (a child of the launcher)."""
     import psutil
