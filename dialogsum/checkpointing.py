@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dialogsum.config import Config
+from dialogsum.config import ADAPTER_METHODS, Config
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, read_json_object, write_bytes, write_json, write_text
 
@@ -78,14 +78,31 @@ RESUME_KEYS = (
     "lr_scheduler_type",
     "optim",
     "label_smoothing_factor",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
 )
+#: The method's own settings, also fingerprinted (LoRA+ changes the optimizer's groups, the rest the model).
+METHOD_RESUME_KEYS = {
+    "lora": (
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "use_dora",
+        "use_rslora",
+        "init_lora_weights",
+        "loraplus_lr_ratio",
+    ),
+    "ia3": ("ia3_target_modules", "ia3_feedforward_modules"),
+}
 
 #: Resume keys added after checkpoints were first written: a checkpoint without one was made with this value.
-RESUME_KEY_DEFAULTS = {"optim": "adamw", "label_smoothing_factor": 0.0}
+RESUME_KEY_DEFAULTS = {
+    "optim": "adamw",
+    "label_smoothing_factor": 0.0,
+    "use_dora": False,
+    "use_rslora": False,
+    "init_lora_weights": "true",
+    "loraplus_lr_ratio": None,
+}
 
 
 @dataclass
@@ -135,13 +152,13 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint (plus a digest of a local training file)."""
     flat = cfg.to_dict()
     flat["learning_rate"] = cfg.learning_rate
-    keys = RESUME_KEYS if cfg.method == "lora" else tuple(k for k in RESUME_KEYS if not k.startswith("lora_"))
+    keys = RESUME_KEYS + METHOD_RESUME_KEYS.get(cfg.method, ())
     found = {k: flat[k] for k in keys}
     train_file = cfg.data.train_file
     if train_file and Path(train_file).is_file():
         found[DATA_DIGEST] = _sha256(Path(train_file))
-    if cfg.method == "lora" and Path(cfg.model.model_name_or_path).is_dir():
-        # a LoRA checkpoint holds the adapter only: resuming puts it on whatever base is at that path now
+    if cfg.method in ADAPTER_METHODS and Path(cfg.model.model_name_or_path).is_dir():
+        # an adapter checkpoint holds the adapter only: resuming puts it on whatever base is at that path now
         found[BASE_DIGEST] = weights_digest(Path(cfg.model.model_name_or_path))
     return found
 

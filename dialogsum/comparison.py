@@ -252,6 +252,7 @@ def build_comparison(
                 "name": run.name,
                 "directory": str(run.directory),
                 "method": run.metrics.get("method"),
+                "method_detail": run.metrics.get("method_detail"),
                 "model_name_or_path": run.metrics.get("model_name_or_path"),
                 "adapter_path": run.metrics.get("adapter_path"),
                 "generation": run.metrics.get("generation"),
@@ -401,7 +402,11 @@ def render_markdown(comparison: dict[str, Any], plots: dict[str, str]) -> str:
     if has_resources(comparison):
         out += ["", "## Resources", ""]
         rows = [
-            [s["name"], plain(s["method"]), *(show(s["resources"][key]) for key, _, show in RESOURCE_FIGURES)]
+            [
+                s["name"],
+                plain(s.get("method_detail") or s["method"]),
+                *(show(s["resources"][key]) for key, _, show in RESOURCE_FIGURES),
+            ]
             for s in systems
         ]
         labels = [label[0].upper() + label[1:] for _, label, _ in RESOURCE_FIGURES]

@@ -40,9 +40,22 @@ LAB_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 #: Learning rates used when ``--learning_rate`` is not given. The lab used 1e-5 for full fine-tuning, which
 #: barely moves flan-t5-base in one epoch; 5e-5 is the Hugging Face summarization example's default and
 #: converges in one epoch on DialogSum. LoRA uses the lab's 1e-3 (adapters start at zero and need a large lr).
-DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 1e-3}
+#: IA3 uses 3e-3, the (IA)^3 paper's (T-Few) learning rate: its scaling vectors start at one.
+DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 1e-3, "ia3": 3e-3}
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "ia3")
+#: Methods that train a peft adapter (saved as adapter_model.safetensors + adapter_config.json).
+ADAPTER_METHODS = ("lora", "ia3")
+#: --init_lora_weights values this project passes to peft (``pissa_niter_N``: any N >= 0). ``pissa``,
+#: ``pissa_niter_N`` and ``olora`` rewrite the base weights at initialisation (see docs/training.md).
+LORA_INITS = ("true", "false", "gaussian", "pissa", "pissa_niter_N", "olora", "orthogonal")
+#: --init_lora_weights values peft offers that need more than a model (refused, with the reason).
+LORA_INITS_REFUSED = {
+    "eva": "a pass over training activations before training (peft's initialize_lora_eva_weights)",
+    "corda": "a preprocessing pass over data (peft's preprocess_corda)",
+    "loftq": "a quantized base model (LoftQ initialises against the quantization error)",
+    "mica": "support this project does not have yet (MiCA freezes B; its saving and resuming are untested here)",
+}
 LENGTH_BUCKET_CHOICES = ("auto", "on", "off")
 REPORT_TO_CHOICES = ("all", "wandb", "tensorboard", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -70,6 +83,7 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "full": {"num_train_epochs": 6.0, "learning_rate": 3e-3},
     "lora": {"num_train_epochs": 6.0, "learning_rate": 1e-2, "lora_target_modules": ["q", "k", "v", "o"]},
+    "ia3": {"num_train_epochs": 6.0, "learning_rate": 1e-1},
 }
 
 
@@ -235,12 +249,45 @@ class LoraArguments:
     lora_alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", default=32)
     lora_dropout: float = _help("Dropout on the LoRA branch.", default=0.05)
     lora_target_modules: list[str] = _help(
-        "Module names to adapt (T5 attention: q k v o).", default_factory=lambda: ["q", "v"]
+        "Module names to adapt (T5 attention: q k v o; feed-forward: wi_0 wi_1 wo on gated FLAN-T5, wi wo on the "
+        "original T5), or all-linear (every linear layer but the output head: on FLAN-T5 q k v o wi_0 wi_1 wo).",
+        default_factory=lambda: ["q", "v"],
+    )
+    use_dora: bool = _help(
+        "DoRA (peft use_dora): a trained magnitude per output feature on top of the LoRA direction update.",
+        default=False,
+    )
+    use_rslora: bool = _help(
+        "rsLoRA (peft use_rslora): scale the update by alpha / sqrt(r) instead of alpha / r.", default=False
+    )
+    init_lora_weights: str = _help(
+        f"LoRA initialisation (peft init_lora_weights): {', '.join(LORA_INITS)}. pissa and olora start from the "
+        "base weights' principal directions and change the base weights; their adapter is saved converted to plain "
+        "LoRA (rank 2r) against the original base model.",
+        default="true",
+    )
+    loraplus_lr_ratio: float | None = _help(
+        "LoRA+ (peft create_loraplus_optimizer): the B matrices learn at --learning_rate x this ratio (e.g. 16).",
+        default=None,
     )
     merge_lora: bool = _help(
-        "After training, also write a standalone model with the adapter merged in to <output_dir>/merged "
-        "(loads with AutoModelForSeq2SeqLM, no peft needed; as scripts/export.py does).",
+        "After training, also write a standalone model with the adapter (LoRA or IA3) merged in to "
+        "<output_dir>/merged (loads with AutoModelForSeq2SeqLM, no peft needed; as scripts/export.py does).",
         default=False,
+    )
+
+
+@dataclass
+class IA3Arguments:
+    """(IA)^3 adapter settings (used by train_ia3.py). Defaults are peft's for T5."""
+
+    ia3_target_modules: list[str] = _help(
+        "Module names whose activations get a learned scale (T5: k v of attention, wo of the feed-forward).",
+        default_factory=lambda: ["k", "v", "wo"],
+    )
+    ia3_feedforward_modules: list[str] = _help(
+        "The feed-forward ones among --ia3_target_modules (scaled on their input, not their output).",
+        default_factory=lambda: ["wo"],
     )
 
 
@@ -335,6 +382,7 @@ SECTIONS: dict[str, type] = {
     "data": DataArguments,
     "train": TrainingArguments,
     "lora": LoraArguments,
+    "ia3": IA3Arguments,
     "gen": GenerationArguments,
     "track": TrackingArguments,
     "hub": HubArguments,
@@ -363,6 +411,7 @@ class Config:
     data: DataArguments = field(default_factory=DataArguments)
     train: TrainingArguments = field(default_factory=TrainingArguments)
     lora: LoraArguments = field(default_factory=LoraArguments)
+    ia3: IA3Arguments = field(default_factory=IA3Arguments)
     gen: GenerationArguments = field(default_factory=GenerationArguments)
     track: TrackingArguments = field(default_factory=TrackingArguments)
     hub: HubArguments = field(default_factory=HubArguments)
@@ -925,8 +974,8 @@ def validate(cfg: Config) -> None:
             "--load_best_model_at_end needs --eval_steps (to find the best step) and --checkpointing_steps (to "
             "keep its weights)"
         )
-    if lo.merge_lora and cfg.method != "lora":
-        raise ConfigError("--merge_lora merges a LoRA adapter: use it with scripts/train_lora.py")
+    if lo.merge_lora and cfg.method not in ADAPTER_METHODS:
+        raise ConfigError("--merge_lora merges an adapter: use it with scripts/train_lora.py or train_ia3.py")
     if lo.merge_lora and not t.do_train:
         raise ConfigError("--merge_lora needs --do_train (it merges the adapter this run trains)")
     check_hub_arguments(cfg.hub)
@@ -938,6 +987,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--lora_dropout must be in [0, 1), got {lo.lora_dropout}")
     if not lo.lora_target_modules:
         raise ConfigError("--lora_target_modules needs at least one module name (e.g. q v)")
+    validate_lora_variant(cfg)
+    validate_ia3(cfg)
     _positive("max_new_tokens", g.max_new_tokens, allow_none=False)
     _positive("num_beams", g.num_beams, allow_none=False)
     _positive("no_repeat_ngram_size", g.no_repeat_ngram_size, allow_zero=True)
@@ -952,3 +1003,81 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{source} {project!r}: {problem}")
     if tr.report_to not in REPORT_TO_CHOICES:
         raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {tr.report_to!r}")
+
+
+def validate_lora_variant(cfg: Config) -> None:
+    """The LoRA family flags (``--use_dora``, ``--use_rslora``, ``--init_lora_weights``, ``--loraplus_lr_ratio``,
+    ``all-linear``): values peft can apply together, and only with ``train_lora.py``. Checks needing peft itself
+    (what the installed version offers) run in :func:`dialogsum.adapters.check_adapter`."""
+    lo = cfg.lora
+    variant = [
+        flag
+        for flag, used in (
+            ("--use_dora", lo.use_dora),
+            ("--use_rslora", lo.use_rslora),
+            (f"--init_lora_weights {lo.init_lora_weights}", lo.init_lora_weights != "true"),
+            ("--loraplus_lr_ratio", lo.loraplus_lr_ratio is not None),
+        )
+        if used
+    ]
+    if variant and cfg.method != "lora":
+        raise ConfigError(f"{variant[0]} is a LoRA setting: use it with scripts/train_lora.py")
+    if "all-linear" in lo.lora_target_modules and len(lo.lora_target_modules) > 1:
+        raise ConfigError("--lora_target_modules all-linear already takes every linear layer; give it alone")
+    init = lo.init_lora_weights
+    if init in LORA_INITS_REFUSED:
+        raise ConfigError(
+            f"--init_lora_weights {init} needs {LORA_INITS_REFUSED[init]}; use one of {', '.join(LORA_INITS)}"
+        )
+    if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", init):
+        raise ConfigError(f"--init_lora_weights must be one of {', '.join(LORA_INITS)}, got {init!r}")
+    if lo.use_dora and mutates_base_weights(init):
+        raise ConfigError(
+            f"--use_dora with --init_lora_weights {init}: a {init} adapter is saved converted to plain LoRA against "
+            "the original base weights, and that conversion cannot carry DoRA's magnitudes; use one of them"
+        )
+    if init == "orthogonal" and lo.lora_r % 2:
+        raise ConfigError(f"--init_lora_weights orthogonal needs an even --lora_r, got {lo.lora_r}")
+    if lo.loraplus_lr_ratio is not None and lo.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"--loraplus_lr_ratio must be > 0 (LoRA+ suggests 2 to 16), got {lo.loraplus_lr_ratio}")
+
+
+def mutates_base_weights(init_lora_weights: str) -> bool:
+    """Whether a LoRA initialisation rewrites the base weights (PiSSA, OLoRA: ``W_res = W - scale B0 A0``)."""
+    return init_lora_weights in ("pissa", "olora") or init_lora_weights.startswith("pissa_niter_")
+
+
+def validate_ia3(cfg: Config) -> None:
+    """The IA3 flags: at least one target, feed-forward modules among the targets (peft requires it)."""
+    ia = cfg.ia3
+    if not ia.ia3_target_modules:
+        raise ConfigError("--ia3_target_modules needs at least one module name (e.g. k v wo)")
+    extra = [m for m in ia.ia3_feedforward_modules if m not in ia.ia3_target_modules]
+    if extra:
+        raise ConfigError(
+            f"--ia3_feedforward_modules {' '.join(extra)} must also be in --ia3_target_modules "
+            f"({' '.join(ia.ia3_target_modules)})"
+        )
+
+
+def describe_method(config: dict[str, Any]) -> str:
+    """One line naming the method and its settings, from a run's flat config (``config.yaml``): e.g.
+    ``LoRA r=32 alpha=32 q,v DoRA rsLoRA init=pissa LoRA+x16``, ``IA3 k,v,wo (feed-forward wo)``, ``full``."""
+    method = str(config.get("method") or "")
+    if method == "lora":
+        targets = config.get("lora_target_modules") or []
+        parts = [f"LoRA r={config.get('lora_r')} alpha={config.get('lora_alpha')} {','.join(map(str, targets))}"]
+        if config.get("use_dora"):
+            parts.append("DoRA")
+        if config.get("use_rslora"):
+            parts.append("rsLoRA")
+        if str(config.get("init_lora_weights", "true")) != "true":
+            parts.append(f"init={config.get('init_lora_weights')}")
+        if config.get("loraplus_lr_ratio") is not None:
+            parts.append(f"LoRA+x{config.get('loraplus_lr_ratio'):g}")
+        return " ".join(parts)
+    if method == "ia3":
+        targets = ",".join(map(str, config.get("ia3_target_modules") or []))
+        feedforward = ",".join(map(str, config.get("ia3_feedforward_modules") or []))
+        return f"IA3 {targets} (feed-forward {feedforward or 'none'})"
+    return method or "unknown"

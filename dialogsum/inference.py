@@ -109,6 +109,12 @@ def _adapter_base(adapter_path: str) -> str | None:
     return (json_object_or_none(Path(adapter_path) / "adapter_config.json") or {}).get("base_model_name_or_path")
 
 
+def _adapter_method(adapter_path: str) -> str:
+    """``lora`` or ``ia3``: the method of an adapter folder (its ``peft_type``)."""
+    config = json_object_or_none(Path(adapter_path) / "adapter_config.json") or {}
+    return str(config.get("peft_type") or "LORA").lower()
+
+
 #: Settings that must match training for the model to see the inputs it learned from.
 TRAINING_INPUT_KEYS = ("prompt_template", "max_source_length")
 
@@ -242,8 +248,8 @@ def check_model_and_adapter(model_name_or_path: str, adapter_path: str | None) -
         hint = " (it holds a full model: pass it as --model_name_or_path)" if (folder / "config.json").exists() else ""
         raise UserError(f"{adapter_path} is not a LoRA adapter folder (no adapter_config.json){hint}")
     adapter = read_json_object(config_file, "adapter config")
-    if adapter.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{adapter_path} holds a {adapter.get('peft_type')} adapter; only LoRA is supported")
+    if adapter.get("peft_type", "LORA") not in ("LORA", "IA3"):
+        raise UserError(f"{adapter_path} holds a {adapter.get('peft_type')} adapter; only LoRA and IA3 are supported")
     check_weight_files(folder)
     base = adapter.get("base_model_name_or_path")
     if not base or base == model_name_or_path:
@@ -388,7 +394,7 @@ def evaluate_model(cfg: Config) -> dict[str, Any]:
             }
         )
         if cfg.model.adapter_path:
-            metrics["method"] = "lora"
+            metrics["method"] = _adapter_method(cfg.model.adapter_path)
         topo = topology(accelerator)
         metrics.update({k: topo[k] for k in ("num_processes", "distributed_type", "mixed_precision")})
         metrics.update(provenance(cfg))  # command line, git commit, package versions

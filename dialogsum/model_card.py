@@ -16,7 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from dialogsum.config import LAB_PROMPT
+from dialogsum.config import ADAPTER_METHODS, LAB_PROMPT
 from dialogsum.files import write_text
 from dialogsum.formatting import is_number, markdown_table, plain
 from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, ROUGE_LABELS
@@ -55,15 +55,16 @@ def card_data(
 ) -> ModelCardData:
     """The card's metadata: base model (a hub id only), library, task, tags, dataset and headline ROUGE (F1 x 100).
 
-    ``merged``: a LoRA adapter merged into its base model (a plain transformers model).
+    ``merged``: a LoRA or IA3 adapter merged into its base model (a plain transformers model).
     """
+    adapter = method in ADAPTER_METHODS
     tags = ["summarization", "dialogue-summarization", "dialogsum"]
     if "t5" in base.lower():
         tags.append("flan-t5" if "flan" in base.lower() else "t5")
     if merged:
-        tags += ["lora", "merged"]
+        tags += [method if adapter else "lora", "merged"]
     else:
-        tags += ["lora", "peft"] if method == "lora" else ["full-fine-tuning"]
+        tags += [method, "peft"] if adapter else ["full-fine-tuning"]
     dataset = _hub_dataset(config)
     if config.get("quickstart"):
         data_name = "synthetic quick-start dialogues"
@@ -88,7 +89,7 @@ def card_data(
     ]
     return ModelCardData(
         base_model=base if _is_hub_id(base) else None,
-        library_name="peft" if method == "lora" and not merged else "transformers",
+        library_name="peft" if adapter and not merged else "transformers",
         pipeline_tag="summarization",
         tags=tags,
         datasets=[dataset] if dataset else None,
@@ -105,7 +106,7 @@ def _usage(method: str, base: str, folder: str, prompt: str, config: Mapping[str
     ``generate()`` summarizes as the evaluation did; peft does not read it from an adapter folder, hence the line
     that loads it for LoRA.
     """
-    if method == "lora":
+    if method in ADAPTER_METHODS:
         load = [
             "from peft import PeftModel",
             "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig",
@@ -155,9 +156,10 @@ def write_model_card(
     base = str(metrics.get("model_name_or_path") or config.get("model_name_or_path") or "?")
     name = str(config.get("run_name") or out.resolve().name)
     prompt = str(config.get("prompt_template") or LAB_PROMPT)
-    kind = "a LoRA adapter for" if method == "lora" else "a fully fine-tuned version of"
+    label = method_name(method if method in ADAPTER_METHODS else "lora")
+    kind = f"a {label} adapter for" if method in ADAPTER_METHODS else "a fully fine-tuned version of"
     if merged:
-        kind = "a LoRA fine-tune (the adapter merged into the weights, a standalone model) of"
+        kind = f"a {label} fine-tune (the adapter merged into the weights, a standalone model) of"
     link = "https://huggingface.co/" + base if _is_hub_id(base) else base
     parts = [
         f"# {name}",

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dialogsum.config import GenerationArguments, LoraArguments, ModelArguments
+from dialogsum.config import Config, GenerationArguments, IA3Arguments, LoraArguments, ModelArguments
 from dialogsum.errors import UserError
 from dialogsum.fast_layers import use_fast_layers
 from dialogsum.files import json_object_or_none, read_json_object, write_text
@@ -286,20 +286,31 @@ def untie_lm_head(model: torch.nn.Module) -> None:
                 setattr(model, attr, {k: v for k, v in keys.items() if not k.startswith("lm_head")})
 
 
-def check_lora_fits(model: torch.nn.Module, args: LoraArguments) -> None:
-    """Refuse LoRA settings the model cannot take: a target name that matches no layer (peft ignores it when
-    another name matches), or a rank above the smaller dimension of an adapted layer (a rank-r update of an
-    m x n matrix needs r <= min(m, n))."""
+def _linear_layers(model: torch.nn.Module, flag: str, targets: list[str]) -> dict[str, list[tuple[str, Any]]]:
+    """The linear layers each of ``targets`` names (``all-linear``: every one but the output head, as peft takes
+    it); a name that matches none is refused (peft ignores it when another name matches)."""
     linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
-    smallest: tuple[int, str, torch.nn.Linear] | None = None
-    for target in args.lora_target_modules:
-        matched = [(n, m) for n, m in linear.items() if n == target or n.endswith(f".{target}")]
+    head = model.get_output_embeddings()
+    found = {}
+    for target in targets:
+        if target == "all-linear":
+            matched = [(n, m) for n, m in linear.items() if m is not head]
+        else:
+            matched = [(n, m) for n, m in linear.items() if n == target or n.endswith(f".{target}")]
         if not matched:
+            leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
             raise UserError(
-                f"--lora_target_modules {target} matches no linear layer of the model (its layer names: "
-                f"{', '.join(leaf_names)})"
+                f"{flag} {target} matches no linear layer of the model (its layer names: {', '.join(leaf_names)})"
             )
+        found[target] = matched
+    return found
+
+
+def check_lora_fits(model: torch.nn.Module, args: LoraArguments) -> None:
+    """Refuse LoRA settings the model cannot take: a target name that matches no linear layer, or a rank above
+    the smaller dimension of an adapted layer (a rank-r update of an m x n matrix needs r <= min(m, n))."""
+    smallest: tuple[int, str, torch.nn.Linear] | None = None
+    for matched in _linear_layers(model, "--lora_target_modules", list(args.lora_target_modules)).values():
         for name, module in matched:
             limit = min(module.in_features, module.out_features)
             if smallest is None or limit < smallest[0]:
@@ -312,43 +323,71 @@ def check_lora_fits(model: torch.nn.Module, args: LoraArguments) -> None:
         )
 
 
-def check_lora_targets(model_name_or_path: str, args: LoraArguments) -> None:
-    """:func:`check_lora_fits` before any weight is loaded: on the model's architecture built on the meta device
-    from its config alone (no memory, no weights read)."""
+def check_ia3_fits(model: torch.nn.Module, args: IA3Arguments) -> None:
+    """Refuse an IA3 target name that matches no linear layer of the model."""
+    _linear_layers(model, "--ia3_target_modules", list(args.ia3_target_modules))
+
+
+def check_adapter_targets(model_name_or_path: str, cfg: Config) -> None:
+    """:func:`check_lora_fits` / :func:`check_ia3_fits` before any weight is loaded: on the model's architecture
+    built on the meta device from its config alone (no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
+    if cfg.method not in ("lora", "ia3"):
+        return
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the model config of {model_name_or_path}: {str(exc).splitlines()[0]}") from exc
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
-    check_lora_fits(model, args)
+    if cfg.method == "lora":
+        check_lora_fits(model, cfg.lora)
+    else:
+        check_ia3_fits(model, cfg.ia3)
 
 
-def apply_lora(model: torch.nn.Module, args: LoraArguments, gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """Wrap ``model`` with LoRA adapters (peft); only adapter weights stay trainable."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def check_lora_targets(model_name_or_path: str, args: LoraArguments) -> None:
+    """:func:`check_lora_fits` on the meta-device architecture of ``model_name_or_path`` (no weights read)."""
+    check_adapter_targets(model_name_or_path, Config(method="lora", lora=args))
 
-    check_lora_fits(model, args)
 
-    config = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=list(args.lora_target_modules),
-        bias="none",
-    )
+def _wrap(model: torch.nn.Module, config: Any, flag: str, gradient_checkpointing: bool) -> torch.nn.Module:
+    """``get_peft_model`` (only the adapter's weights stay trainable); a peft refusal is one error line."""
+    from peft import get_peft_model
+
     if gradient_checkpointing:
         # with frozen embeddings no input requires grad, and checkpointed blocks would get no gradient
         model.enable_input_require_grads()
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise UserError(
-            f"--lora_target_modules {' '.join(args.lora_target_modules)}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise UserError(f"{flag}: {str(exc).splitlines()[0]}") from exc
+
+
+def apply_lora(model: torch.nn.Module, args: LoraArguments, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft; DoRA, rsLoRA, initialisation and targets from ``args``); only
+    adapter weights stay trainable. PiSSA/OLoRA keep their initial values for saving
+    (:func:`dialogsum.adapters.keep_initial_adapter`)."""
+    from dialogsum.adapters import keep_initial_adapter, lora_config
+
+    check_lora_fits(model, args)
+    peft_model = _wrap(
+        model, lora_config(args), f"--lora_target_modules {' '.join(args.lora_target_modules)}", gradient_checkpointing
+    )
+    keep_initial_adapter(peft_model, args)
+    return peft_model
+
+
+def apply_ia3(model: torch.nn.Module, args: IA3Arguments, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` with (IA)^3 scaling vectors (peft): one learned scale per output feature of each attention
+    target, per input feature of each feed-forward target; only they stay trainable."""
+    from dialogsum.adapters import ia3_config
+
+    check_ia3_fits(model, args)
+    return _wrap(
+        model, ia3_config(args), f"--ia3_target_modules {' '.join(args.ia3_target_modules)}", gradient_checkpointing
+    )
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -460,12 +499,14 @@ def write_model_folder(
     of the model (``state_dict``, when given, holds its values) and the tokenizer, ``generation_config.json``,
     then the rewrites that make the folder load the same under every supported transformers and peft
     (:func:`dialogsum.portability.make_portable`)."""
+    from dialogsum.adapters import plain_lora_state
     from dialogsum.portability import make_portable
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     extra = {"save_function": save_function} if save_function is not None else {}
-    model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True, **extra)
+    with plain_lora_state(model, state_dict) as state_dict:  # PiSSA/OLoRA: against the original base weights
+        model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True, **extra)
     tokenizer.save_pretrained(str(out))
     # peft does not write the generation config of an adapter; for a full model this replaces the same file
     write_text(out / "generation_config.json", model.generation_config.to_json_string())

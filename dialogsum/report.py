@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dialogsum.config import DEFAULT_LEARNING_RATE
+from dialogsum.config import DEFAULT_LEARNING_RATE, describe_method
 from dialogsum.errors import UserError
 from dialogsum.files import parse_jsonl, read_text, write_files
 from dialogsum.formatting import (
@@ -91,8 +91,10 @@ def data_description(config: Mapping[str, Any]) -> str:
 
 
 def method_name(method: Any) -> str:
-    """``full fine-tuning`` or ``LoRA``."""
-    return {"full": "full fine-tuning", "lora": "LoRA"}.get(str(method), str(method or "unknown method"))
+    """``full fine-tuning``, ``LoRA`` or ``(IA)^3``."""
+    return {"full": "full fine-tuning", "lora": "LoRA", "ia3": "(IA)^3"}.get(
+        str(method), str(method or "unknown method")
+    )
 
 
 def generation_text(metrics: Mapping[str, Any]) -> str:
@@ -202,6 +204,9 @@ def hyperparameter_rows(config: Mapping[str, Any], metrics: Mapping[str, Any]) -
                 f"dropout={plain(config.get('lora_dropout'))}, targets={plain(config.get('lora_target_modules'))}",
             ]
         )
+        rows.append(["adapter", describe_method(dict(config))])  # DoRA, rsLoRA, initialisation, LoRA+
+    if str(method) == "ia3":
+        rows.append(["adapter", describe_method(dict(config))])
     rows.append(["seed", plain(config.get("seed"))])
     return [row for row in rows if row[1] not in (MISSING, f"{MISSING}, warm-up ratio {MISSING}")]
 
@@ -244,7 +249,9 @@ def write_run_report(output_dir: str | Path) -> Path:
         files[f"plots/{file_name}"] = image
         return [f"![{alt}](plots/{file_name})"]
 
-    opening = {"full": "Full fine-tuning", "lora": "LoRA fine-tuning"}.get(str(method), f"Training ({method})")
+    opening = {"full": "Full fine-tuning", "lora": "LoRA fine-tuning", "ia3": "(IA)^3 fine-tuning"}.get(
+        str(method), f"Training ({method})"
+    )
     parts = [f"# Run report: {name}", "", f"{opening} of `{model}` on {data_description(config)}."]
     if metrics.get("headline_protocol"):
         split = metrics.get("eval_split", config.get("eval_split", "test"))

@@ -1,4 +1,4 @@
-"""The steps of a training run that the recipes (``scripts/train_full.py``, ``scripts/train_lora.py``) call in order.
+"""The steps of a training run that the recipes (``scripts/train_{full,lora,ia3}.py``) call in order.
 
 Each step is one named function; the recipes show the order. Order matters for the user: every cheap check
 (flags, output folder, data files, model path, trackers: :func:`check_run`) happens before anything expensive
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from dialogsum.adapters import check_adapter, check_topology
 from dialogsum.checkpointing import check_checkpoint_dir, check_compatible, checkpoint_root, read_state, resolve_resume
-from dialogsum.config import Config
+from dialogsum.config import Config, describe_method
 from dialogsum.data import (
     LengthGroupedBatchSampler,
     PadWidths,
@@ -42,7 +43,7 @@ from dialogsum.errors import UserError
 from dialogsum.evaluation import evaluate_with_config, evaluation_loss
 from dialogsum.files import write_json, write_jsonl
 from dialogsum.modeling import (
-    check_lora_targets,
+    check_adapter_targets,
     check_model_source,
     describe_parameters,
     load_tokenizer,
@@ -117,9 +118,9 @@ def check_run(cfg: Config) -> RunPlan:
         if not t.quickstart:
             check_data_sources(cfg.data, splits)
             check_model_source(cfg.model.model_name_or_path)
-            if cfg.method == "lora":
-                check_lora_targets(cfg.model.model_name_or_path, cfg.lora)  # from the model config, no weights
+            check_adapter_targets(cfg.model.model_name_or_path, cfg)  # LoRA/IA3 targets, from the model config
             check_prompt_fits(load_tokenizer(cfg.model.tokenizer_name or cfg.model.model_name_or_path), cfg.data)
+        check_adapter(cfg)  # what the installed peft offers
         trackers = resolve_trackers(cfg.track.report_to) or None
         hub = check_push(cfg.hub, out.resolve().name)  # --push_to_hub: token, hub reachable, write access
         start_output_dir(cfg)  # creates it; --overwrite_output_dir: what the previous run wrote goes now
@@ -152,13 +153,15 @@ def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
 
 
 def check_and_seed(cfg: Config, run: RunPlan, accelerator: Any) -> None:
-    """Refuse fp16 with T5, a checkpoint folder not shared by every process and a checkpoint made with other
-    settings (in seconds, before loading anything); every process takes the main process's resume point; then
+    """Refuse fp16 with T5, an adapter initialisation the DeepSpeed loading cannot give, a checkpoint folder not
+    shared by every process and a checkpoint made with other settings (in seconds, before loading anything); every
+    process takes the main process's resume point; then
     seed every RNG."""
     from accelerate.utils import set_seed
 
     check_mixed_precision(accelerator.mixed_precision, cfg.model.model_name_or_path)
     check_optimizer(accelerator, cfg.train.optim)  # Adafactor under optimizer offload would silently be Adam
+    check_topology(cfg, accelerator)  # DoRA/PiSSA/OLoRA need whole weights when the adapter is created
     if cfg.train.do_train:  # several machines: one checkpoint folder that all of them see, one resume step
         flag = "--checkpoint_dir" if cfg.train.checkpoint_dir else "--output_dir"
         check_shared_folder(accelerator, checkpoint_root(cfg), flag)
@@ -296,6 +299,7 @@ def run_metrics(
 ) -> dict[str, Any]:
     """What ``metrics.json`` holds: scores, training figures, parameters, resources and where it ran."""
     metrics: dict[str, Any] = {"method": cfg.method, "model_name_or_path": cfg.model.model_name_or_path}
+    metrics["method_detail"] = describe_method(cfg.to_dict())  # e.g. LoRA r=32 alpha=32 q,v DoRA: the comparison's
     metrics.update(scores)
     if result is not None:
         metrics.update(result.metrics())
@@ -345,8 +349,8 @@ def write_results(
 
 
 def merge_lora(accelerator: Any, cfg: Config, out: Path) -> Path | None:
-    """``--merge_lora``: the main process writes ``<output_dir>/merged``, the saved adapter merged into its base
-    model (a standalone transformers model, :func:`dialogsum.export.export_merged`)."""
+    """``--merge_lora``: the main process writes ``<output_dir>/merged``, the saved adapter (LoRA, IA3) merged into
+    its base model (a standalone transformers model, :func:`dialogsum.export.export_merged`)."""
     if not cfg.lora.merge_lora:
         return None
     merged = out / MERGED_DIR

@@ -55,7 +55,8 @@ from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, r
 
 logger = logging.getLogger(__name__)
 
-NO_DECAY = ("bias", "layer_norm", "layernorm", "ln_")
+#: Parameters without weight decay (IA3's scales start at one: decay would pull them towards zero).
+NO_DECAY = ("bias", "layer_norm", "layernorm", "ln_", "ia3_l")
 #: The log events of a run, one JSON object per line (output folder; a copy in every checkpoint).
 HISTORY_FILE = "log_history.jsonl"
 
@@ -98,7 +99,7 @@ def check_optimizer(accelerator: Any, optim: str) -> None:
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """``--optim`` (fused AdamW or Adafactor) over trainable parameters only; no weight decay on biases and
-    LayerNorm weights."""
+    LayerNorm weights (``--loraplus_lr_ratio``: LoRA+ groups, :func:`dialogsum.adapters.loraplus_optimizer`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -114,12 +115,19 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         # T5's fine-tuning settings: the lr is the schedule's (relative step off, no warm-up init, no scaling by
         # each tensor's RMS); beta1 None keeps no momentum, and a matrix's second moment is stored as a row and
         # a column vector (rows + columns numbers instead of rows x columns)
-        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
-    # fused: one kernel updates every tensor in one pass. CPU: foreach falls back to full-size temporaries there
-    # (flan-t5-base on 2 cores: fused ~0.2 s per step, foreach ~10x slower). GPU: foreach still launches several
-    # kernels per tensor group and operation, fused a few per step, and the step is bound by launches
-    # (~280 parameter tensors here). DeepSpeed's and FSDP's sharded parameters take the fused kernel too.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        optimizer_class: type = Adafactor
+        settings: dict[str, Any] = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    else:
+        # fused: one kernel updates every tensor in one pass. CPU: foreach falls back to full-size temporaries
+        # there (flan-t5-base on 2 cores: fused ~0.2 s per step, foreach ~10x slower). GPU: foreach still launches
+        # several kernels per tensor group and operation, fused a few per step, and the step is bound by launches
+        # (~280 parameter tensors here). DeepSpeed's and FSDP's sharded parameters take the fused kernel too.
+        optimizer_class, settings = torch.optim.AdamW, {"betas": (0.9, 0.999), "eps": 1e-8, "fused": True}
+    if cfg.method == "lora" and cfg.lora.loraplus_lr_ratio is not None:
+        from dialogsum.adapters import loraplus_optimizer
+
+        return loraplus_optimizer(model, cfg, optimizer_class, settings)
+    return optimizer_class(groups, lr=cfg.learning_rate, **settings)
 
 
 def loss_function(

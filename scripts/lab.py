@@ -2,12 +2,14 @@
 
     python scripts/lab.py --quickstart --output_dir runs/lab          # offline, tiny model, ~1 minute on 2 cores
     python scripts/lab.py --output_dir runs/lab --num_train_epochs 1  # google/flan-t5-base on DialogSum (GPU)
+    python scripts/lab.py --quickstart --output_dir runs/lab --methods full,lora,ia3   # (IA)^3 as well
 
-Writes <output_dir>/original (zero-shot baseline of the starting model, scripts/evaluate.py), full
-(scripts/train_full.py), lora (scripts/train_lora.py) and comparison (scripts/compare.py), and prints the
-comparison table. Each stage is a real `accelerate launch` of the script, printed before it runs so that it can
-be rerun alone. Every other flag goes to the stages that take it (evaluate.py takes the model, data, evaluation
-and generation flags; the training scripts take all); --full_args / --lora_args add flags for one stage only.
+Writes <output_dir>/original (zero-shot baseline of the starting model, scripts/evaluate.py), one folder per
+method of --methods (full: scripts/train_full.py, lora: scripts/train_lora.py, ia3: scripts/train_ia3.py) and
+comparison (scripts/compare.py), and prints the comparison table (ROUGE and each method's resources). Each stage
+is a real `accelerate launch` of the script, printed before it runs so that it can be rerun alone. Every other
+flag goes to the stages that take it (evaluate.py takes the model, data, evaluation and generation flags; the
+training scripts take all); --full_args / --lora_args / --ia3_args add flags for one stage only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dialogsum.cli import FlagParser, run_cli
-from dialogsum.config import QUICKSTART_DEFAULTS, build_parser, parse_config
+from dialogsum.config import METHODS, QUICKSTART_DEFAULTS, build_parser, parse_config
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.inference import EVALUATE_FLAGS
 from dialogsum.run_folder import (
@@ -33,14 +35,22 @@ from dialogsum.run_folder import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("original", "full", "lora", "comparison")
+STAGES = ("original", *METHODS, "comparison")
+DEFAULT_METHODS = "full,lora"
 #: Flags the lab itself sets for every stage (given to the lab, they are refused: they would clash).
 OWN_FLAGS = ("output_dir", "overwrite_output_dir", "quickstart", "config")
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--output_dir", required=True, help="The lab folder: original/ full/ lora/ comparison/.")
+    parser.add_argument(
+        "--output_dir", required=True, help="The lab folder: original/, one folder per method, comparison/."
+    )
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"Comma-separated methods to train after the zero-shot baseline, in order: any of {', '.join(METHODS)}.",
+    )
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace the stages' previous results.")
     parser.add_argument(
         "--quickstart",
@@ -55,13 +65,14 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--full_args", default="", help="Extra flags for train_full.py only (one quoted string).")
     parser.add_argument("--lora_args", default="", help="Extra flags for train_lora.py only (one quoted string).")
+    parser.add_argument("--ia3_args", default="", help="Extra flags for train_ia3.py only (one quoted string).")
     parser.add_argument("--num_samples", type=int, default=3, help="Sample dialogues shown side by side.")
     return parser.parse_known_args(argv)
 
 
 def stage_flags(flag: str, text: str) -> list[str]:
-    """The flags of one ``--full_args``/``--lora_args`` string, split as a shell would (one error line if its
-    quotes do not close)."""
+    """The flags of one ``--full_args``/``--lora_args``/``--ia3_args`` string, split as a shell would (one error
+    line if its quotes do not close)."""
     try:
         return shlex.split(text)
     except ValueError as exc:  # "No closing quotation", "No escaped character"
@@ -119,7 +130,18 @@ def _default_config() -> str:
     return str(REPO / "accelerate_configs" / name)
 
 
-def _check(args: argparse.Namespace, passed: list[str], full: list[str], lora: list[str]) -> Path:
+def lab_methods(text: str) -> list[str]:
+    """``--methods full,lora,ia3`` as a list; unknown or repeated names refused."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHODS)}, got {text!r}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods names a method twice: {text!r}")
+    return methods
+
+
+def _check(args: argparse.Namespace, passed: list[str], extra: dict[str, list[str]]) -> Path:
     """Every stage's flags parse (one error line otherwise) and the lab folder may be written; nothing runs yet."""
     out = Path(args.output_dir)
     for groups in flag_groups(passed):
@@ -128,8 +150,8 @@ def _check(args: argparse.Namespace, passed: list[str], full: list[str], lora: l
         if not groups[0].startswith("--"):
             raise ConfigError(f"unrecognized argument {groups[0]!r} (see --help)")
     quick = ["--quickstart"] if args.quickstart else []
-    parse_config([*passed, *full, *quick, "--output_dir", str(out / "full")], "full")
-    parse_config([*passed, *lora, *quick, "--output_dir", str(out / "lora")], "lora")
+    for method, flags in extra.items():
+        parse_config([*passed, *flags, *quick, "--output_dir", str(out / method)], method)
     if out.is_file():
         raise UserError(f"--output_dir {out} is a file")
     take_output_dir(out)  # the lab holds its folder; each stage holds its own sub-folder
@@ -164,17 +186,19 @@ def _run(stage: str, command: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Check every stage's flags, then run the four stages in order; returns the comparison folder."""
+    """Check every stage's flags, then run the stages in order (baseline, methods, comparison); returns the
+    comparison folder."""
     args, passed = _parse(argv)
-    full, lora = stage_flags("--full_args", args.full_args), stage_flags("--lora_args", args.lora_args)
+    methods = lab_methods(args.methods)
+    extra = {method: stage_flags(f"--{method}_args", getattr(args, f"{method}_args")) for method in methods}
     try:
-        return _run_lab(args, passed, full, lora)
+        return _run_lab(args, passed, extra)
     finally:
         release_output_dirs()
 
 
-def _run_lab(args: argparse.Namespace, passed: list[str], full: list[str], lora: list[str]) -> Path:
-    out = _check(args, passed, full, lora)
+def _run_lab(args: argparse.Namespace, passed: list[str], extra: dict[str, list[str]]) -> Path:
+    out = _check(args, passed, extra)
     config = args.accelerate_config or _default_config()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
     given = {_flag_name(group[0]) for group in flag_groups(passed)}
@@ -186,11 +210,9 @@ def _run_lab(args: argparse.Namespace, passed: list[str], full: list[str], lora:
         zero_shot = [*quickstart_zero_shot(out, given), *zero_shot]
     last = ["--overwrite_output_dir"] if args.overwrite_output_dir else []
     scripts = REPO / "scripts"
-    stages = {
-        "original": [str(scripts / "evaluate.py"), *zero_shot],
-        "full": [str(scripts / "train_full.py"), *quick, *passed, *full],
-        "lora": [str(scripts / "train_lora.py"), *quick, *passed, *lora],
-    }
+    stages = {"original": [str(scripts / "evaluate.py"), *zero_shot]}
+    for method, flags in extra.items():
+        stages[method] = [str(scripts / f"train_{method}.py"), *quick, *passed, *flags]
     for stage, command in stages.items():
         _run(stage, [*launch, *command, *last, "--output_dir", str(out / stage)])
     runs = [x for stage in stages for x in ("--run", f"{stage}={out / stage}")]
