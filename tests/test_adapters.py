@@ -5,6 +5,7 @@ original base (the same tensors as peft's own conversion), LoRA+ groups, and eac
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -195,3 +196,54 @@ def test_method_descriptions() -> None:
     assert describe_method(lora.to_dict()) == "LoRA r=32 alpha=32 q,v DoRA rsLoRA init=gaussian LoRA+x16"
     assert describe_method(build_config("ia3", {}).to_dict()) == "IA3 k,v,wo (feed-forward wo)"
     assert describe_method(build_config("full", {}).to_dict()) == "full"
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_pissa_run_resumes_exactly_and_reloads_on_the_original_base(
+    tmp_path: Path, quickstart_assets: tuple[Path, Path], fresh_accelerate_state, one_thread
+) -> None:
+    """A real train_lora.py run (in-process) with PiSSA (fast SVD: random, seeded): resumed from its checkpoint-3
+    it ends bit for bit where it did; its saved adapter on the original base model (evaluate.py) generates exactly
+    the run's predictions (the merged export: test_variant_counts_like_peft_saves_and_merges_into_the_trained_model)."""
+    from helpers import script_main
+
+    model_dir, data_dir = quickstart_assets
+    common = [
+        "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.jsonl"),
+        "--test_file", str(data_dir / "test.jsonl"), "--max_train_samples", "48", "--max_test_samples", "12",
+        "--per_device_train_batch_size", "8", "--max_train_steps", "6", "--checkpointing_steps", "3",
+        "--learning_rate", "1e-2", "--max_source_length", "96", "--max_target_length", "32", "--max_new_tokens", "24",
+        "--lora_r", "4", "--lora_target_modules", "q", "k", "v", "o", "--init_lora_weights", "pissa_niter_2",
+        "--report_to", "none",
+    ]  # fmt: skip
+    train = script_main("train_lora")
+    run = tmp_path / "run"
+    metrics = train([*common, "--output_dir", str(run)])
+    assert metrics["method_detail"] == "LoRA r=4 alpha=32 q,k,v,o init=pissa_niter_2"
+    for folder in (run, run / "checkpoint-3"):  # every loadable adapter folder: plain LoRA against the base
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 64, True)
+
+    _reset_accelerate()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
+    train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--do_eval", "false"])
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    predictions = [json.loads(x)["prediction"] for x in (run / "predictions.jsonl").read_text().splitlines()]
+    _reset_accelerate()
+    script_main("evaluate")(
+        ["--model_name_or_path", str(model_dir), "--adapter_path", str(run), "--max_test_samples", "12",
+         "--test_file", str(data_dir / "test.jsonl"), "--max_new_tokens", "24", "--output_dir", str(tmp_path / "eval"),
+         "--report_to", "none"]
+    )  # fmt: skip
+    got = [json.loads(x)["prediction"] for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert got == predictions

@@ -32,7 +32,8 @@ CASES = [
     # bf16 from an fp32 base: the saved model is DeepSpeed's fp32 master copy, as zero_to_fp32 gives it
     ("deepspeed_zero2.yaml", "full", [], ["--checkpointing_steps", "6"]),
     ("deepspeed_zero3.yaml", "full", ["--mixed_precision", "no"], []),
-    ("deepspeed_zero3.yaml", "lora", [], ["--gradient_checkpointing"]),
+    # ZeRO-3 LoRA as DoRA (magnitudes from whole weights at creation, sharded after) with LoRA+ optimizer groups
+    ("deepspeed_zero3.yaml", "lora", [], ["--gradient_checkpointing", "--use_dora", "--loraplus_lr_ratio", "4"]),
 ]
 
 
@@ -56,7 +57,7 @@ def assert_saved_is_the_fp32_master(out: Path, method: str, trained: dict[str, t
 @pytest.mark.parametrize(
     ("config", "method", "launch_args", "train_args"),
     CASES,
-    ids=["zero2-lora-bf16", "zero2-full-bf16", "zero3-full", "zero3-lora-gradient-checkpointing-bf16"],
+    ids=["zero2-lora-bf16", "zero2-full-bf16", "zero3-full", "zero3-dora-loraplus-gradient-checkpointing-bf16"],
 )
 def test_deepspeed_training(
     config: str, method: str, launch_args: list[str], train_args: list[str], tmp_path: Path
@@ -83,6 +84,9 @@ def test_deepspeed_training(
         assert_saved_equals_trained(out, method, ranks[0])
     else:
         assert_saved_is_the_fp32_master(out, method, ranks[0])
+    if "--use_dora" in train_args:
+        assert any("lora_magnitude_vector" in name for name in ranks[0])
+        assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
     if method == "full":
         from safetensors.torch import load_file
         from transformers import AutoModelForSeq2SeqLM

@@ -65,7 +65,9 @@ def recording_save_model(accelerator, model, tokenizer, output_dir):
         import deepspeed
         gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
     with gather:
-        tensors = {n.replace(".default.", "."): p.detach().cpu().float().clone().contiguous() for n, p in params}
+        # named as peft saves them (DoRA's "lora_magnitude_vector.default.weight" as "lora_magnitude_vector")
+        names = [n.replace(".default.", ".").replace("magnitude_vector.weight", "magnitude_vector") for n, _ in params]
+        tensors = {n: p.detach().cpu().float().clone().contiguous() for n, (_, p) in zip(names, params)}
     save_file(tensors, os.path.join(os.environ["RANK_DIR"], f"rank{accelerator.process_index}.safetensors"))
     return real_save_model(accelerator, model, tokenizer, output_dir)
 

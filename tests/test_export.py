@@ -229,7 +229,7 @@ def test_export_refuses_bad_input_in_one_line(args: list[str], message: str, run
             "--load_best_model_at_end needs --eval_steps",
         ),
         ("full", ["--load_best_model_at_end", "--eval_steps", "5"], "needs --eval_steps (to find"),
-        ("full", ["--merge_lora"], "--merge_lora merges a LoRA adapter: use it with scripts/train_lora.py"),
+        ("full", ["--merge_lora"], "--merge_lora merges an adapter: use it with scripts/train_lora.py or train_ia3.py"),
         ("lora", ["--merge_lora", "--do_train", "false"], "--merge_lora needs --do_train"),
         ("lora", ["--hub_model_id", "a/b/c", "--push_to_hub"], "--hub_model_id must be 'name' or 'namespace/name'"),
         ("lora", ["--hub_private_repo"], "settings of --push_to_hub"),

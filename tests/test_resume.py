@@ -9,7 +9,8 @@ dropout 0.1 (and LoRA its own 0.05), so any slip in the RNG restore changes the 
 * full: killed while writing its first checkpoint (the restart with ``latest`` starts afresh), then killed
   *while writing* checkpoint-4 -> resumes from checkpoint-2 and crosses two epoch boundaries;
 * LoRA: killed between checkpoints (after checkpoint-4) -> resumes mid-epoch inside an accumulation cycle;
-* both: resumed from a copy of the reference's checkpoint-6 (saved on an epoch's last batch).
+* both: resumed from a copy of the reference's checkpoint-6 (saved on an epoch's last batch);
+* the LoRA family combined (DoRA + rsLoRA + LoRA+ groups): killed between checkpoints, as LoRA.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ from dialogsum.checkpointing import STATE_FILE, find_latest
 LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 LEARNING_RATE = {"full": "3e-3", "lora": "1e-2"}
+#: scenario -> (training script's method, extra flags)
+SCENARIOS = {
+    "full": ("full", []),
+    "lora": ("lora", []),
+    "dora-rslora-loraplus": ("lora", ["--use_dora", "--use_rslora", "--loraplus_lr_ratio", "4"]),
+}
 
 
 def _command(method: str, model: Path, data: Path, out: Path, *extra: str, **flags: str) -> list[str]:
@@ -100,18 +107,25 @@ def _log(out: Path) -> list[dict]:
     return [{k: e.get(k) for k in LOG_KEYS} for e in map(json.loads, lines)]
 
 
-def _scenario(method: str, model: Path, data: Path, root: Path) -> dict:
-    """Reference run and a resume from a copy of its checkpoint-6 (one thread); kill + resume (another)."""
+def _scenario(name: str, model: Path, data: Path, root: Path) -> dict:
+    """Reference run and a resume from a copy of its checkpoint-6 (one thread); kill + resume (another). The LoRA
+    variant: reference and kill + resume only."""
+    method, extra = SCENARIOS[name]
+
+    def command(out: Path, *flags: str) -> list[str]:
+        return _command(method, model, data, out, *extra, *flags)
 
     def reference() -> dict:
         ref = root / "reference"
-        _run(_command(method, model, data, ref))
+        _run(command(ref))
+        if extra:
+            return {"reference": ref}
         copy = root / "from-checkpoint-6"
         copy.mkdir()
         shutil.copytree(ref / "checkpoint-6", copy / "checkpoint-6")
         kept = [x for x in (ref / "log_history.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 6]
         (copy / "log_history.jsonl").write_text("\n".join(kept) + "\n")
-        resumed = _run(_command(method, model, data, copy, "--resume_from_checkpoint", "latest"))
+        resumed = _run(command(copy, "--resume_from_checkpoint", "latest"))
         return {"reference": ref, "copy": copy, "copy_stderr": resumed.stderr}
 
     def killed() -> dict:
@@ -119,12 +133,13 @@ def _scenario(method: str, model: Path, data: Path, root: Path) -> dict:
         latest_flag = ("--resume_from_checkpoint", "latest")  # the same command for every (re)start
         where = []
         if method == "full":  # first killed while writing its first checkpoint: the restart starts afresh
-            where.append(_kill(_command(method, model, data, out, *latest_flag), out, 2, during_save=True))
-        where.append(_kill(_command(method, model, data, out, *latest_flag), out, 4, during_save=method == "full"))
+            where.append(_kill(command(out, *latest_flag), out, 2, during_save=True))
+        where.append(_kill(command(out, *latest_flag), out, 4, during_save=method == "full"))
         latest = find_latest(out)
         leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
-        resumed = _run(_command(method, model, data, out, "--resume_from_checkpoint", "latest"))
-        return {"killed": out, "where": where, "latest": latest, "leftovers": leftovers, "stderr": resumed.stderr}
+        resumed = _run(command(out, "--resume_from_checkpoint", "latest"))
+        found = {"killed": out, "where": where, "latest": latest, "leftovers": leftovers, "stderr": resumed.stderr}
+        return {"method": method, **found}
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         a, b = pool.submit(reference), pool.submit(killed)
@@ -135,18 +150,19 @@ def _scenario(method: str, model: Path, data: Path, root: Path) -> dict:
 def scenarios(
     tmp_path_factory: pytest.TempPathFactory, dropout_model: Path, synthetic_data_dir: Path
 ) -> dict[str, dict]:
-    """Both methods' runs (each method's two chains run side by side on the 2 cores)."""
+    """Every scenario's runs (each scenario's two chains run side by side on the 2 cores)."""
     root = tmp_path_factory.mktemp("resume")
     results = {}
-    for method in ("full", "lora"):
-        (root / method).mkdir()
-        results[method] = _scenario(method, dropout_model, synthetic_data_dir, root / method)
+    for name in SCENARIOS:
+        (root / name).mkdir()
+        results[name] = _scenario(name, dropout_model, synthetic_data_dir, root / name)
     return results
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_killed_run_resumes_to_the_uninterrupted_result(method: str, scenarios: dict[str, dict]) -> None:
-    s = scenarios[method]
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_killed_run_resumes_to_the_uninterrupted_result(name: str, scenarios: dict[str, dict]) -> None:
+    s = scenarios[name]
+    method = s["method"]
     expected_start = "checkpoint-2" if s["where"][-1] == "while writing checkpoint-4" else "checkpoint-4"
     assert s["latest"] is not None and s["latest"].name == expected_start, (s["where"], s["leftovers"])
     assert f"resumed from {s['killed'] / expected_start}" in s["stderr"]
@@ -266,3 +282,11 @@ def test_adafactor_resumes_bit_for_bit(dropout_model: Path, synthetic_data_dir: 
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _log(copy) == _log(ref)
+
+
+def test_the_lora_family_run_used_every_variant(scenarios: dict[str, dict]) -> None:
+    ref = scenarios["dora-rslora-loraplus"]["reference"]
+    config = json.loads((ref / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    assert any("lora_magnitude_vector" in name for name in _weights(ref, "lora"))  # DoRA's magnitudes, resumed too
+    assert "loraplus_lr_ratio: 4.0" in (ref / "config.yaml").read_text()
