@@ -39,7 +39,7 @@ def test_quick_lab_runs_every_stage_into_one_folder(tmp_path: Path) -> None:
     table = (out / "comparison" / "comparison.md").read_text()
     assert "| ia3 | IA3 k,v,wo (feed-forward wo) |" in table and "| lora | LoRA r=4 alpha=32 q,k,v,o rsLoRA |" in table
     # IA3 went through the card, the report and --merge_lora like LoRA
-    assert "an (IA)^3 adapter for" in (out / "ia3" / "README.md").read_text()
+    assert "a (IA)^3 adapter for" in (out / "ia3" / "README.md").read_text()
     assert "| adapter | IA3 k,v,wo (feed-forward wo) |" in (out / "ia3" / "report.md").read_text()
     assert (out / "ia3" / "merged" / "model.safetensors").is_file()
     # the stages as a user would type them, and the table on standard output
