@@ -4,6 +4,7 @@ original base (the same tensors as peft's own conversion), LoRA+ groups, and eac
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 from pathlib import Path
@@ -247,3 +248,21 @@ def test_pissa_run_resumes_exactly_and_reloads_on_the_original_base(
     )  # fmt: skip
     got = [json.loads(x)["prediction"] for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert got == predictions
+
+
+def test_the_ia3_recipe_differs_from_the_lora_recipe_only_in_the_method() -> None:
+    from helpers import REPO
+
+    def code(name: str) -> list[str]:
+        text = (REPO / "scripts" / f"train_{name}.py").read_text()
+        return text[text.index('"""', 3) + 3 :].splitlines()  # after the module docstring
+
+    diff = difflib.unified_diff(code("lora"), code("ia3"), n=0, lineterm="")
+    changed = [line[0] + line[1:].strip() for line in diff if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+    checkpointing = "gradient_checkpointing=cfg.model.gradient_checkpointing)"
+    assert changed == [
+        '-cfg = parse_config(argv, method="lora", description=__doc__ or "")',
+        '+cfg = parse_config(argv, method="ia3", description=__doc__ or "")',
+        f"-model = modeling.apply_lora(model, cfg.lora, {checkpointing}",
+        f"+model = modeling.apply_ia3(model, cfg.ia3, {checkpointing}",
+    ]
