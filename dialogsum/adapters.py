@@ -170,31 +170,36 @@ def _tensor_key(name: str) -> str:
 def plain_lora_state(
     model: Any, state_dict: dict[str, torch.Tensor] | None
 ) -> Iterator[dict[str, torch.Tensor] | None]:
-    """While saving ``model`` (a PeftModel, unwrapped): for a PiSSA/OLoRA adapter, ``state_dict`` with every
-    ``lora_A``/``lora_B`` replaced by the rank-``2r`` plain LoRA of the same update against the original base
-    (``A' = [A ; A0]``, ``B' = [B | -B0]``), and the adapter config saying so (``r``, ``lora_alpha``, init ``true``)
-    until the block ends. Any other model: ``state_dict`` as it is."""
-    initial = getattr(model, INITIAL_ADAPTER_ATTR, None)
-    if not initial:
+    """While saving ``model`` (a PeftModel, unwrapped): a LoRA adapter as a plain LoRA of the original base model.
+
+    The saved config says ``init_lora_weights: true`` whatever the run's initialisation (recorded in its
+    ``config.yaml``): loading a trained adapter overwrites the initial values anyway, and peft versions that do
+    not know an initialisation (``orthogonal`` on peft 0.13) refuse to load a config naming it. For PiSSA/OLoRA,
+    ``state_dict`` has every ``lora_A``/``lora_B`` replaced by the rank-``2r`` plain LoRA of the same update
+    against the original base (``A' = [A ; A0]``, ``B' = [B | -B0]``) and the config ``r`` and ``lora_alpha`` to
+    match, until the block ends. Any other model: ``state_dict`` as it is."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or not hasattr(config, "init_lora_weights"):  # not LoRA (a full model, IA3)
         yield state_dict
         return
-    values = state_dict if state_dict is not None else model.state_dict()
-    wanted = {_tensor_key(k): k for k in initial}
-    converted = {}
-    for key, value in values.items():
-        name = wanted.get(_tensor_key(key))
-        if name is None:
-            converted[key] = value
-            continue
-        start = initial[name].to(value.device, value.dtype)
-        converted[key] = torch.cat([value, start], dim=0) if ".lora_A." in name else torch.cat([value, -start], dim=1)
-    config = model.peft_config["default"]
     saved = (config.r, config.lora_alpha, config.init_lora_weights)
-    config.r, config.lora_alpha, config.init_lora_weights = (
-        2 * config.r,
-        _scaled_alpha(config.lora_alpha, config.use_rslora),
-        True,
-    )
+    initial = getattr(model, INITIAL_ADAPTER_ATTR, None)
+    converted = state_dict
+    if initial:
+        values = state_dict if state_dict is not None else model.state_dict()
+        wanted = {_tensor_key(k): k for k in initial}
+        converted = {}
+        for key, value in values.items():
+            name = wanted.get(_tensor_key(key))
+            if name is None:
+                converted[key] = value
+                continue
+            start = initial[name].to(value.device, value.dtype)
+            converted[key] = (
+                torch.cat([value, start], dim=0) if ".lora_A." in name else torch.cat([value, -start], dim=1)
+            )
+        config.r, config.lora_alpha = 2 * config.r, _scaled_alpha(config.lora_alpha, config.use_rslora)
+    config.init_lora_weights = True
     try:
         yield converted
     finally:

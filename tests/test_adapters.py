@@ -75,8 +75,10 @@ def test_variant_counts_like_peft_saves_and_merges_into_the_trained_model(
     expected = _logits(model)
     write_model_folder(model, load_tokenizer(str(tiny_model_dir)), tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    if variant != "ia3":  # a trained adapter: loads on peft versions that lack its initialisation (peft 0.13)
+        assert saved["init_lora_weights"] is True
     if variant in ("pissa", "pissa_niter_2+rslora", "olora"):  # converted: rank 2r against the original base
-        assert saved["r"] == 8 and saved["init_lora_weights"] is True
+        assert saved["r"] == 8
         assert saved["lora_alpha"] == pytest.approx(8 * 2**0.5 if "rslora" in variant else 16)
     merged, _ = merge_adapter(tmp_path / "adapter", str(tiny_model_dir))  # scripts/export.py's merge
     torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-4)
