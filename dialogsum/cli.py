@@ -63,6 +63,11 @@ def _teardown_distributed() -> None:
         pass
 
 
+#: How long another process waits for the main process to report its error before printing its own line (the
+#: processes of a launch check their flags and files a little apart, more so on a busy machine).
+MAIN_REPORT_WAIT_S = 3.0
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
@@ -132,7 +137,7 @@ def _leave(message: str, code: int, settle_s: float, every_rank_alike: bool = Fa
             except Exception:  # noqa: BLE001 - the others then print their own lines
                 pass
         sys.stderr.write(message + "\n")
-    elif not every_rank_alike and not _main_raised_the_same(launcher_store(), message, settle_s):
+    elif not every_rank_alike and not _main_raised_the_same(launcher_store(), message, MAIN_REPORT_WAIT_S):
         sys.stderr.write(f"[rank {_rank()}] {message}\n")
     _teardown_distributed()
     if not _is_main_process():

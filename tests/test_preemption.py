@@ -363,6 +363,7 @@ def test_an_error_is_printed_once_and_every_rank_exits_with_its_code(assets: tup
     proc = run_script(cmd, env=env)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--max_time: expected seconds" in errors[0], proc.stderr[-3000:]
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank ")]  # rank 1 matched rank 0
     assert _exit_codes(proc.stderr) == [2, 2]
 
 
