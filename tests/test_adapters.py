@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -234,10 +233,9 @@ def test_pissa_run_resumes_exactly_and_reloads_on_the_original_base(
         assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 64, True)
 
     _reset_accelerate()
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
-    train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--do_eval", "false"])
+    resumed = tmp_path / "resumed"  # a new output folder, resumed from the run's checkpoint-3
+    checkpoint = str(run / "checkpoint-3")
+    train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint, "--do_eval", "false"])
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
