@@ -246,27 +246,6 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def check_checkpoint_dir(cfg: Config) -> None:
-    """A ``--checkpoint_dir`` apart from ``--output_dir``: not an input, creatable, and holding no checkpoints of
-    an earlier run unless this run continues from them (``--overwrite_output_dir`` clears ``--output_dir`` only)."""
-    t = cfg.train
-    if not t.checkpoint_dir or Path(t.checkpoint_dir).resolve() == Path(t.output_dir or ".").resolve():
-        return
-    from dialogsum.run_folder import check_can_create, check_not_an_input, input_paths
-
-    root = Path(t.checkpoint_dir)
-    check_not_an_input(root, "--checkpoint_dir", input_paths(cfg))
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--checkpoint_dir {root} exists and is a file")
-    check_can_create(root, "--checkpoint_dir")
-    found = checkpoint_dirs(root)
-    if found and not t.resume_from_checkpoint:
-        raise UserError(
-            f"--checkpoint_dir {root} holds checkpoints of an earlier run (newest {found[-1].name}); continue it "
-            "with --resume_from_checkpoint latest, or choose another --checkpoint_dir"
-        )
-
-
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """Turn ``--resume_from_checkpoint`` (a path or ``latest``) into a checkpoint folder, checked.
 

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.formatting import shorten
 from dialogsum.preemption import TrainingStopped
+from dialogsum.process import is_main_launch_process, launch_rank
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -38,9 +39,8 @@ class FlagParser(argparse.ArgumentParser):
 
 def setup_logging() -> None:
     """INFO logs on the main process (rank 0), warnings only elsewhere; quiet third-party chatter."""
-    rank = int(os.environ.get("RANK", "0") or 0)
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.INFO if is_main_launch_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -66,14 +66,6 @@ def _teardown_distributed() -> None:
 #: How long another process waits for the main process to report its error before printing its own line (the
 #: processes of a launch check their flags and files a little apart, more so on a busy machine).
 MAIN_REPORT_WAIT_S = 3.0
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def _is_main_process() -> bool:
-    return _rank() == 0
 
 
 def launcher_store() -> Any | None:
@@ -129,7 +121,7 @@ def _leave(message: str, code: int, settle_s: float, every_rank_alike: bool = Fa
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     started = time.monotonic()
-    if _is_main_process():
+    if is_main_launch_process():
         store = None if every_rank_alike else launcher_store()
         if store is not None:
             try:
@@ -138,9 +130,9 @@ def _leave(message: str, code: int, settle_s: float, every_rank_alike: bool = Fa
                 pass
         sys.stderr.write(message + "\n")
     elif not every_rank_alike and not _main_raised_the_same(launcher_store(), message, MAIN_REPORT_WAIT_S):
-        sys.stderr.write(f"[rank {_rank()}] {message}\n")
+        sys.stderr.write(f"[rank {launch_rank()}] {message}\n")
     _teardown_distributed()
-    if not _is_main_process():
+    if not is_main_launch_process():
         time.sleep(max(0.0, settle_s - (time.monotonic() - started)))
     sys.exit(code)
 

@@ -31,6 +31,7 @@ from dialogsum.errors import ConfigError, UserError
 from dialogsum.files import SUPPORTED_EXTENSIONS, name_length_problem, read_text, table_format, write_text
 from dialogsum.formatting import shorten
 from dialogsum.preemption import EXIT_STOPPED, parse_duration
+from dialogsum.process import is_main_launch_process
 
 logger = logging.getLogger(__name__)
 
@@ -777,7 +778,7 @@ def project_name_problem(name: str) -> str | None:
 
 def warn_once(message: str) -> None:
     """A warning from the main process only (every process parses the same flags and plans the same run)."""
-    if os.environ.get("RANK", "0") in ("0", ""):
+    if is_main_launch_process():
         logger.warning(message)
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,6 +44,7 @@ from dialogsum.config import plain_int
 from dialogsum.cpu_runtime import tune_cpu_runtime
 from dialogsum.errors import UserError
 from dialogsum.precision import cpu_mixed_precision_override, enable_tf32
+from dialogsum.process import launch_rank
 
 logger = logging.getLogger(__name__)
 
@@ -94,52 +97,6 @@ def launcher_command() -> list[str] | None:
     the script's flags), or None when this process was not started by it."""
     found = _launcher_argv()
     return found[0] if found is not None else None
-
-
-#: How a parent process that started this one as a worker of torch's elastic launcher is called.
-_TORCHRUN_MODULES = ("torch.distributed.run", "torch.distributed.launch")
-
-
-def launch_command() -> list[str] | None:
-    """The real command that launched this process: ``accelerate launch ...`` or ``torchrun ...`` (the parent's
-    command line, launcher first), or None when neither started it (a plain ``python script.py``)."""
-    accelerate_args = launcher_command()
-    if accelerate_args is not None:
-        return ["accelerate", "launch", *accelerate_args]
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    try:
-        import psutil
-
-        argv = psutil.Process(os.getppid()).cmdline()
-    except Exception:  # noqa: BLE001 - no psutil, no /proc: we know only that torch's launcher started us
-        return None
-    for i, arg in enumerate(argv):
-        if os.path.basename(arg) == "torchrun":
-            return ["torchrun", *argv[i + 1 :]]
-        if arg in _TORCHRUN_MODULES and i > 0 and argv[i - 1] == "-m":
-            return ["python", "-m", arg, *argv[i + 1 :]]
-    return None
-
-
-#: Environment variables that say where in a multi-process, multi-machine job a process runs.
-LAUNCH_VARIABLES = (
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "SLURM_JOB_ID",
-    "SLURM_NNODES",
-    "SLURM_NODEID",
-    "SM_CURRENT_HOST",
-)
-
-
-def launch_environment() -> dict[str, str]:
-    """The launch variables of :data:`LAUNCH_VARIABLES` that are set (the main process's view)."""
-    return {name: os.environ[name] for name in LAUNCH_VARIABLES if os.environ.get(name)}
 
 
 def _parse_launch_args(argv: list[str]) -> argparse.Namespace | None:
@@ -392,15 +349,17 @@ def is_zero3(accelerator: Accelerator) -> bool:
     return plugin is not None and int(plugin.zero_stage) == 3
 
 
-def topology(accelerator: Accelerator) -> dict[str, Any]:
-    """Where and how this run executes, for logs and ``metrics.json``."""
-    return {
-        "num_processes": accelerator.num_processes,
-        "distributed_type": accelerator.distributed_type.value,
-        "mixed_precision": accelerator.mixed_precision,
-        "process_index": accelerator.process_index,
-        "device": str(accelerator.device),
-    }
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory of this process so far, in MB (10^6 bytes).
+
+    On CUDA: the largest memory ever allocated by tensors on ``device`` (``torch.cuda.max_memory_allocated``).
+    Elsewhere: the process's peak resident set size (``getrusage``; KiB on Linux, bytes on macOS).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
 def finish(accelerator: Accelerator) -> None:
@@ -500,7 +459,7 @@ def collective_timeout_message(store: Any | None) -> str:
     itself is unusable now) and waits :data:`ARRIVAL_GRACE_S` for the others: the ranks that never write are the
     hung ones. Without a store, the message says so instead.
     """
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = launch_rank()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     prefix = f"dialogsum/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     missing: list[int] | None = None

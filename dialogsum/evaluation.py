@@ -21,23 +21,9 @@ from dialogsum.config import Config, GenerationArguments
 from dialogsum.data import EvalExample, build_prompt, encode_texts
 from dialogsum.distributed import is_zero3, mark_progress
 from dialogsum.metrics import compute_rouge, eval_set_fingerprint
+from dialogsum.modeling import generation_kwargs
 
 logger = logging.getLogger(__name__)
-
-
-def generation_kwargs(gen: GenerationArguments, pad_token_id: int | None = None) -> dict[str, Any]:
-    """The explicit generation settings (no hidden defaults such as the 20-token cap)."""
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": gen.max_new_tokens,
-        "num_beams": gen.num_beams,
-        "do_sample": False,
-        "length_penalty": gen.length_penalty,
-    }
-    if gen.no_repeat_ngram_size:
-        kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
-    if pad_token_id is not None:
-        kwargs["pad_token_id"] = pad_token_id
-    return kwargs
 
 
 def generation_record(gen: GenerationArguments) -> dict[str, Any]:

@@ -343,12 +343,13 @@ def evaluate_model(cfg: Config) -> dict[str, Any]:
     (the zero-shot baseline next to the training runs: same project and group resolution). Returns the metrics.
     """
     from dialogsum.data import check_data_sources, eval_examples, load_splits
-    from dialogsum.distributed import build_accelerator, finish, topology
+    from dialogsum.distributed import build_accelerator, finish, peak_memory_mb
     from dialogsum.evaluation import evaluate_with_config
     from dialogsum.modeling import describe_parameters, parameter_report
+    from dialogsum.provenance import provenance, topology
     from dialogsum.results import stamp_predictions, weights_record
     from dialogsum.run_folder import check_output_dir, record_outputs, start_output_dir
-    from dialogsum.tracking import finish_tracking, peak_memory_mb, provenance, resolve_trackers, start_tracking
+    from dialogsum.tracking import finish_tracking, resolve_trackers, start_tracking
 
     split = cfg.train.eval_split
     out = check_output_dir(cfg, can_resume=False)  # locked from here on

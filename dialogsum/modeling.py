@@ -17,6 +17,7 @@ from dialogsum.errors import UserError
 from dialogsum.fast_layers import use_fast_layers
 from dialogsum.files import json_object_or_none, read_json_object, write_text
 from dialogsum.hub import ensure_hub_reachable
+from dialogsum.portability import checkpoint_has_own_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -90,29 +91,19 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from exc
 
 
-def checkpoint_has_own_lm_head(name_or_path: str) -> bool | None:
-    """Whether the checkpoint stores an ``lm_head.weight`` of its own (FLAN-T5 does); None when unknown."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        try:
-            from transformers.utils import cached_file
-
-            resolved = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
-        except OSError:
-            return None
-        if resolved is None:
-            return None
-        folder = Path(resolved).parent
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return "lm_head.weight" in ((json_object_or_none(index) or {}).get("weight_map") or {})
-    single = folder / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as fh:
-            return "lm_head.weight" in fh.keys()
-    return None
+def generation_kwargs(gen: GenerationArguments, pad_token_id: int | None = None) -> dict[str, Any]:
+    """The explicit generation settings (no hidden defaults such as the 20-token cap)."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": gen.max_new_tokens,
+        "num_beams": gen.num_beams,
+        "do_sample": False,
+        "length_penalty": gen.length_penalty,
+    }
+    if gen.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    return kwargs
 
 
 @contextmanager
@@ -245,10 +236,8 @@ def use_generation_settings(model: torch.nn.Module, gen: GenerationArguments) ->
 
     ``save_pretrained`` writes it as ``generation_config.json`` (adapters: :func:`save_model_files`), so a plain
     ``generate()`` on the reloaded folder does what evaluation did instead of stopping at transformers' 20-token
-    default. The values are those of :func:`dialogsum.evaluation.generation_kwargs`, the evaluation's own.
+    default. The values are those of :func:`generation_kwargs`, the evaluation's own.
     """
-    from dialogsum.evaluation import generation_kwargs
-
     settings = generation_kwargs(gen)
     if gen.num_beams == 1:
         # only beam search reads it; transformers refuses to save a greedy config that sets it

@@ -52,13 +52,36 @@ def make_portable(folder: str | Path) -> list[str]:
     return changes
 
 
+def checkpoint_has_own_lm_head(name_or_path: str) -> bool | None:
+    """Whether the checkpoint stores an ``lm_head.weight`` of its own (FLAN-T5 does); None when unknown."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        try:
+            from transformers.utils import cached_file
+
+            resolved = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+        if resolved is None:
+            return None
+        folder = Path(resolved).parent
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return "lm_head.weight" in ((json_object_or_none(index) or {}).get("weight_map") or {})
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as fh:
+            return "lm_head.weight" in fh.keys()
+    return None
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     return json_object_or_none(path) if path.is_file() else None
 
 
 def _untied_head_config(folder: Path) -> list[str]:
-    from dialogsum.modeling import checkpoint_has_own_lm_head
-
     config = _read(folder / "config.json")
     if config is None or config.get("tie_word_embeddings") is False:
         return []

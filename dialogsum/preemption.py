@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any
 
+from dialogsum.process import is_main_launch_process
+
 logger = logging.getLogger(__name__)
 
 #: Exit code of a run stopped with a checkpoint (signal or ``--max_time``): EX_TEMPFAIL of sysexits.h,
@@ -87,10 +89,6 @@ def estimated_save_s(parameters: Any) -> float:
     return 3 * 4 * trainable / ESTIMATED_WRITE_BYTES_PER_S + ESTIMATED_SAVE_OVERHEAD_S
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") in ("0", "")
-
-
 class StopRequest:
     """Whether this process wants the run to stop: a stop signal arrived, or ``--max_time`` is nearly used up.
 
@@ -138,7 +136,7 @@ class StopRequest:
         now = time.monotonic()
         if self.signal_name is None:
             self.signal_name, self.signal_at = name, now
-            if _is_main_process():  # os.write: safe in a signal handler, unlike logging
+            if is_main_launch_process():  # os.write: safe in a signal handler, unlike logging
                 os.write(2, f"{name} received: stopping after the current optimizer step with a checkpoint\n".encode())
         elif name == "SIGINT" and now - self.signal_at > ABORT_AFTER_S and not self._stopping:
             raise KeyboardInterrupt  # a second Ctrl-C: abort without a checkpoint

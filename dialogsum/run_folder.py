@@ -37,9 +37,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dialogsum.checkpointing import checkpoint_dirs, checkpoint_root, find_latest, fingerprint, settings_differences
 from dialogsum.config import Config, build_config, mask_secrets
 from dialogsum.errors import UserError
 from dialogsum.files import write_json
+from dialogsum.process import is_main_launch_process
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +107,6 @@ def folder_entries(out: Path) -> list[str]:
 def _listing(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return f"{shown}, ... ({len(names)} entries)" if len(names) > limit else shown
-
-
-def _main_process() -> bool:
-    """The main process of a launch (``RANK`` 0); the Accelerator may not exist yet."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 # --------------------------------------------------------------------------------------------- lock
@@ -328,7 +325,7 @@ def take_output_dir(out: str | Path, flag: str = "--output_dir") -> RunFolder | 
     Taking a folder this process already holds returns the same :class:`RunFolder`. Other processes of a launch
     get None: the main process alone holds the folder and writes the manifest.
     """
-    if not _main_process():
+    if not is_main_launch_process():
         return None
     path = Path(out)
     key = path.resolve()
@@ -372,7 +369,7 @@ def check_folder_contents(out: Path, overwrite: bool, flag: str = "--output_dir"
 
 def take_output_file(target: str | Path, flag: str = "--output_file") -> Lock | None:
     """Lock one output file for this run: ``.<name>.dialogsum-lock`` beside it (removed on release)."""
-    if not _main_process():
+    if not is_main_launch_process():
         return None
     path = Path(target)
     key = path.absolute()
@@ -432,8 +429,6 @@ def input_paths(cfg: Config) -> list[tuple[str, Path]]:
 def resumes_own_checkpoint(cfg: Config) -> bool:
     """Whether the run continues from a checkpoint of its own checkpoint folder (``latest``, or a path inside
     ``--checkpoint_dir``/``--output_dir``) rather than from another run's checkpoint."""
-    from dialogsum.checkpointing import checkpoint_root
-
     resume = cfg.train.resume_from_checkpoint
     if not resume:
         return False
@@ -492,6 +487,25 @@ def check_can_create(target: str | Path, flag: str, kind: str = "folder") -> Non
 # --------------------------------------------------------------------------------------------- checks
 
 
+def check_checkpoint_dir(cfg: Config) -> None:
+    """A ``--checkpoint_dir`` apart from ``--output_dir``: not an input, creatable, and holding no checkpoints of
+    an earlier run unless this run continues from them (``--overwrite_output_dir`` clears ``--output_dir`` only)."""
+    t = cfg.train
+    if not t.checkpoint_dir or Path(t.checkpoint_dir).resolve() == Path(t.output_dir or ".").resolve():
+        return
+    root = Path(t.checkpoint_dir)
+    check_not_an_input(root, "--checkpoint_dir", input_paths(cfg))
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--checkpoint_dir {root} exists and is a file")
+    check_can_create(root, "--checkpoint_dir")
+    found = checkpoint_dirs(root)
+    if found and not t.resume_from_checkpoint:
+        raise UserError(
+            f"--checkpoint_dir {root} holds checkpoints of an earlier run (newest {found[-1].name}); continue it "
+            "with --resume_from_checkpoint latest, or choose another --checkpoint_dir"
+        )
+
+
 def check_output_dir(cfg: Config, can_resume: bool = True) -> Path:
     """Check ``--output_dir`` before anything expensive and take its lock; nothing is deleted here.
 
@@ -524,8 +538,6 @@ def _check_contents(cfg: Config, out: Path, can_resume: bool) -> None:
     entries = folder_entries(out)
     if not entries:
         if t.resume_from_checkpoint == "latest":
-            from dialogsum.checkpointing import checkpoint_root
-
             logger.warning(
                 "--resume_from_checkpoint latest: no checkpoint in %s yet; starting afresh", checkpoint_root(cfg)
             )
@@ -541,8 +553,6 @@ def _check_contents(cfg: Config, out: Path, can_resume: bool) -> None:
             )
         return
     if t.resume_from_checkpoint == "latest":
-        from dialogsum.checkpointing import checkpoint_root, find_latest
-
         if find_latest(checkpoint_root(cfg)) is None:
             _check_leftovers_of_this_run(cfg, out)
             _adopt_leftovers(out)
@@ -598,8 +608,6 @@ def _adopt_leftovers(out: Path) -> None:
 def _settings_differences(saved_config: Path, cfg: Config) -> list[str]:
     """How the run that wrote ``saved_config`` differs from ``cfg`` in the settings a resume must share."""
     import yaml
-
-    from dialogsum.checkpointing import fingerprint, settings_differences
 
     try:
         values = yaml.safe_load(saved_config.read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dialogsum.adapters import check_adapter, check_topology
-from dialogsum.checkpointing import check_checkpoint_dir, check_compatible, checkpoint_root, read_state, resolve_resume
+from dialogsum.checkpointing import check_compatible, checkpoint_root, read_state, resolve_resume
 from dialogsum.config import Config, describe_method
 from dialogsum.data import (
     LengthGroupedBatchSampler,
@@ -36,8 +36,8 @@ from dialogsum.distributed import (
     agree_on_resume,
     check_shared_folder,
     compiles,
+    peak_memory_mb,
     set_deepspeed_micro_batch,
-    topology,
 )
 from dialogsum.errors import UserError
 from dialogsum.evaluation import evaluate_with_config, evaluation_loss
@@ -49,17 +49,19 @@ from dialogsum.modeling import (
     load_tokenizer,
     parameter_report,
 )
+from dialogsum.provenance import provenance, topology
 from dialogsum.publish import HubTarget, check_push, push_folder
 from dialogsum.quickstart import build_quickstart_assets
 from dialogsum.results import stamp_predictions, weights_record
 from dialogsum.run_folder import (
+    check_checkpoint_dir,
     check_output_dir,
     copy_results_for_sagemaker,
     record_outputs,
     release_output_dirs,
     start_output_dir,
 )
-from dialogsum.tracking import peak_memory_mb, provenance, resolve_trackers
+from dialogsum.tracking import resolve_trackers
 from dialogsum.training import TrainResult, check_mixed_precision, check_optimizer
 
 logger = logging.getLogger(__name__)

@@ -21,11 +21,8 @@ import netrc
 import os
 import random
 import re
-import resource
 import secrets
 import string
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,21 +30,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
-
 from dialogsum.checkpointing import checkpoint_root
-from dialogsum.config import REPORT_TO_CHOICES, Config
-from dialogsum.errors import ConfigError, UserError
+from dialogsum.config import Config
+from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, write_json
 from dialogsum.formatting import is_number, markdown_table
 from dialogsum.metrics import PROTOCOLS, ROUGE_KEYS, score_examples
 from dialogsum.modeling import checkpoint_size_mb
+from dialogsum.process import is_main_launch_process
+from dialogsum.provenance import git_info, package_versions
+from dialogsum.provenance import topology as provenance_topology
 from dialogsum.run_folder import WANDB_RUN_FILE
 
 logger = logging.getLogger(__name__)
 
 #: Packages whose versions are logged with every run (absent ones are skipped).
-TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "wandb")
 #: Rows of the W&B predictions table (a seeded sample, kept in dataset order).
 PREDICTION_TABLE_ROWS = 50
 #: Rows of the predictions shown as Markdown text in TensorBoard.
@@ -177,11 +174,6 @@ def wandb_server_problem(base_url: str | None, timeout: float = WANDB_PROBE_TIME
         return str(reason).splitlines()[0][:200] or type(exc).__name__
 
 
-def _is_launch_main_process() -> bool:
-    """Rank 0 of the job, read from the launcher's environment (the Accelerator may not exist yet)."""
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
-
-
 def resolve_trackers(report_to: str) -> list[str]:
     """Turn ``--report_to`` into the tracker names for ``Accelerator(log_with=...)``.
 
@@ -199,13 +191,11 @@ def resolve_trackers(report_to: str) -> list[str]:
       :class:`UserError` at once, before any model or data is loaded.
 
     A tracker whose package is not installed is dropped with a warning, or raises :class:`UserError` when it
-    was the one asked for.
+    was the one asked for. ``report_to`` is one of the settings' choices (checked once, with the other settings).
     """
-    if report_to not in REPORT_TO_CHOICES:
-        raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {report_to!r}")
     wanted = {"all": ["wandb", "tensorboard"], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "none": []}
     explicit = report_to != "all"
-    is_main = _is_launch_main_process()
+    is_main = is_main_launch_process()
     trackers: list[str] = []
     for name in wanted[report_to]:
         if name == "tensorboard":
@@ -257,66 +247,6 @@ def default_run_name(method: str) -> str:
     return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def git_info(directory: str | Path | None = None) -> dict[str, Any]:
-    """``{"git_commit", "git_dirty"}`` of the repository holding the code; empty outside a git checkout."""
-    where = Path(directory) if directory is not None else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": commit, "git_dirty": bool(status.strip())}
-
-
-def package_versions(packages: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
-    """Installed versions of ``packages`` (missing ones are left out), plus Python's."""
-    versions = {"python": sys.version.split()[0]}
-    for name in packages:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def launch_topology(accelerator: Any) -> dict[str, Any]:
-    """Processes, distributed type and precision of this launch (from the accelerate config/launcher)."""
-    distributed = accelerator.distributed_type
-    return {
-        "num_processes": accelerator.num_processes,
-        "distributed_type": getattr(distributed, "value", str(distributed)),
-        "mixed_precision": str(accelerator.mixed_precision),
-        "device_type": accelerator.device.type,
-    }
-
-
-def provenance(cfg: Config) -> dict[str, Any]:
-    """Where a result comes from, for ``metrics.json``: the command line (the ``accelerate launch`` or ``torchrun``
-    command when a launcher started this process; secrets masked), the git commit of the code (+ dirty flag), the
-    package versions and the launch variables (world size, node rank, SLURM job, ...)."""
-    import shlex
-
-    from dialogsum.config import mask_secrets
-    from dialogsum.distributed import launch_command, launch_environment
-
-    launched = launch_command()  # accelerate launch ... / torchrun ...
-    command = shlex.join(mask_secrets(launched)) if launched else cfg.command
-    provenance = {"command": command, **git_info(), "package_versions": package_versions()}
-    return {**provenance, "launch_environment": launch_environment()}
-
-
 @dataclass(frozen=True)
 class RunIdentity:
     """How a run is named in W&B (and TensorBoard): each flag, else its W&B environment variable, else a default."""
@@ -348,7 +278,7 @@ def run_config(accelerator: Any, cfg: Config, extra: Mapping[str, Any] | None = 
     package versions (``version_<pkg>``), the launch topology, then ``extra`` (which wins on clashes)."""
     config = cfg.to_dict()
     config["learning_rate"] = cfg.learning_rate
-    topology = launch_topology(accelerator)
+    topology = provenance_topology(accelerator)
     # e.g. 8 per device x 4 accumulation x 2 processes = 64 examples per optimizer step
     config["effective_batch_size"] = (
         cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * topology["num_processes"]
@@ -641,19 +571,3 @@ def _finish_wandb(
             if path.is_file() and path.name not in _NOT_IN_ARTIFACT:
                 artifact.add_file(str(path))
         run.log_artifact(artifact, aliases=["latest", method])
-
-
-# --------------------------------------------------------------------------------------------- memory
-
-
-def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak memory of this process so far, in MB (10^6 bytes).
-
-    On CUDA: the largest memory ever allocated by tensors on ``device`` (``torch.cuda.max_memory_allocated``).
-    Elsewhere: the process's peak resident set size (``getrusage``; KiB on Linux, bytes on macOS).
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(device) / 1e6
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6

@@ -46,12 +46,12 @@ from dialogsum.checkpointing import (
 )
 from dialogsum.config import Config, checkpoint_every, idle_settings, warn_once
 from dialogsum.data import LengthGroupedBatchSampler
-from dialogsum.distributed import mark_progress
+from dialogsum.distributed import mark_progress, peak_memory_mb
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, jsonl_text, parse_jsonl, read_text, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
 from dialogsum.run_folder import record_outputs
-from dialogsum.tracking import close_trackers, flush_trackers, peak_memory_mb, resend_lost_events, tracked_values
+from dialogsum.tracking import close_trackers, flush_trackers, resend_lost_events, tracked_values
 
 logger = logging.getLogger(__name__)
 

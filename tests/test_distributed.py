@@ -31,7 +31,8 @@ TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / 
 
 PROBE = """
 import json, os, sys, torch
-from dialogsum.distributed import build_accelerator, finish, is_zero3, topology
+from dialogsum.distributed import build_accelerator, finish, is_zero3
+from dialogsum.provenance import topology
 from dialogsum.errors import UserError
 try:
     accelerator = build_accelerator()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,26 @@ class WandbRun:
     exited: bool = False
 
 
-def load_run(path: str | Path) -> WandbRun:
-    """Decode a ``run-*.wandb`` file into a :class:`WandbRun`."""
+def load_run(path: str | Path, until_exit: bool = False, timeout: float = 120.0) -> WandbRun:
+    """Decode a ``run-*.wandb`` file into a :class:`WandbRun`.
+
+    W&B's core process writes the file on its own schedule: ``wandb.finish`` (and even the end of the Python
+    process) can return before the last records reach the disk, more so on a busy machine. ``until_exit`` reads
+    again until the run's exit record is there (at most ``timeout`` seconds: a safety net, not a speed check).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = read_records(path)
+        except (ValueError, struct.error):  # a chunk still being written
+            if not until_exit or time.monotonic() > deadline:
+                raise
+            records = []
+        if not until_exit or time.monotonic() > deadline or any(r.HasField("exit") for r in records):
+            break
+        time.sleep(0.1)
     run = WandbRun()
-    for record in read_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id, run.name, run.project = record.run.run_id, record.run.display_name, record.run.project

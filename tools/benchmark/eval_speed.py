@@ -41,8 +41,8 @@ def _mean_tokens(tokenizer: Any, texts: list[str]) -> float:
 def eval_speed(spec: dict[str, Any], accelerator: Any, model: torch.nn.Module) -> dict[str, Any]:
     """Summaries/s both ways over ``spec["eval_dialogues"]`` (one warm-up dialogue first, excluded)."""
     from dialogsum.config import GenerationArguments
-    from dialogsum.evaluation import generate_summaries, generation_kwargs
-    from dialogsum.modeling import load_tokenizer
+    from dialogsum.evaluation import generate_summaries
+    from dialogsum.modeling import generation_kwargs, load_tokenizer
 
     tokenizer = load_tokenizer(spec["tokenizer_path"])
     dialogues = spec["eval_dialogues"]

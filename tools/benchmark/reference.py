@@ -73,8 +73,8 @@ def run_reference(spec: dict[str, Any], case: Case) -> dict[str, Any]:
     from accelerate import Accelerator
     from transformers import AutoTokenizer, get_scheduler
 
+    from dialogsum.distributed import peak_memory_mb
     from dialogsum.modeling import parameter_report
-    from dialogsum.tracking import peak_memory_mb
 
     warmup, steps = spec["warmup_steps"], spec["steps"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")

@@ -126,9 +126,8 @@ def _measured_examples(batches: _Batches, warmup: int, count: int) -> dict[str, 
 def run_ours(spec: dict[str, Any], case: Case, work: Path) -> dict[str, Any]:
     """Our case's figures: the library's accelerator, optimizer, scheduler, sampler, collator and ``train_loop``."""
     from dialogsum.checkpointing import TrainState
-    from dialogsum.distributed import build_accelerator, compiles, set_deepspeed_micro_batch
+    from dialogsum.distributed import build_accelerator, compiles, peak_memory_mb, set_deepspeed_micro_batch
     from dialogsum.modeling import parameter_report
-    from dialogsum.tracking import peak_memory_mb
     from dialogsum.training import build_optimizer, build_scheduler, train_loop
 
     warmup, count = spec["warmup_steps"], spec["warmup_steps"] + spec["steps"]
