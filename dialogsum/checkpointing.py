@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dialogsum.config import ADAPTER_METHODS, Config
+from dialogsum.config import ADAPTER_METHODS, Config, older_checkpoint_values, resume_settings
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, read_json_object, write_bytes, write_json, write_text
 
@@ -52,58 +52,6 @@ BASE_DIGEST = "base_model_weights_digest"
 TRAINABLE_ONLY_FILE = "trainable_only.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|deleting|replaced)$")
-
-#: Settings that must match between a checkpoint and the run resuming from it (else the run is not "the
-#: same run"): method, model, data, batch order, and the optimizer settings that the checkpoint's optimizer
-#: and scheduler state would silently override.
-RESUME_KEYS = (
-    "method",
-    "model_name_or_path",
-    "dataset_name",
-    "train_file",
-    "text_column",
-    "summary_column",
-    "prompt_template",
-    "max_source_length",
-    "max_target_length",
-    "max_train_samples",
-    "subsample_every",
-    "group_by_length",
-    "seed",
-    "per_device_train_batch_size",
-    "max_tokens_per_batch",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "weight_decay",
-    "lr_scheduler_type",
-    "optim",
-    "label_smoothing_factor",
-)
-#: The method's own settings, also fingerprinted (LoRA+ changes the optimizer's groups, the rest the model).
-METHOD_RESUME_KEYS = {
-    "lora": (
-        "lora_r",
-        "lora_alpha",
-        "lora_dropout",
-        "lora_target_modules",
-        "use_dora",
-        "use_rslora",
-        "init_lora_weights",
-        "loraplus_lr_ratio",
-    ),
-    "ia3": ("ia3_target_modules", "ia3_feedforward_modules"),
-}
-
-#: Resume keys added after checkpoints were first written: a checkpoint without one was made with this value.
-RESUME_KEY_DEFAULTS = {
-    "optim": "adamw",
-    "label_smoothing_factor": 0.0,
-    "use_dora": False,
-    "use_rslora": False,
-    "init_lora_weights": "true",
-    "loraplus_lr_ratio": None,
-}
-
 
 @dataclass
 class TrainState:
@@ -131,7 +79,7 @@ class TrainState:
     num_processes: int = 1
     """World size of the run (the batch order depends on it)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
-    """Settings a resumed run must share (see RESUME_KEYS)."""
+    """Settings a resumed run must share (``config.resume_settings``)."""
     window_targets: int = 0
     """Target (summary) tokens (all processes) in the current log window: the token-weighted loss's divisor."""
     window_tokens: int = 0
@@ -152,8 +100,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint (plus a digest of a local training file)."""
     flat = cfg.to_dict()
     flat["learning_rate"] = cfg.learning_rate
-    keys = RESUME_KEYS + METHOD_RESUME_KEYS.get(cfg.method, ())
-    found = {k: flat[k] for k in keys}
+    found = {k: flat[k] for k in resume_settings(cfg.method)}
     train_file = cfg.data.train_file
     if train_file and Path(train_file).is_file():
         found[DATA_DIGEST] = _sha256(Path(train_file))
@@ -369,10 +316,11 @@ def settings_differences(saved: dict[str, Any], cfg: Config, then: str = "checkp
         BASE_DIGEST: f"the weights at --model_name_or_path {cfg.model.model_name_or_path} changed since the {then} "
         "(the LoRA adapter was trained on the base model that was there then)",
     }
+    older = older_checkpoint_values()
     return [
-        changed.get(k) or f"{k}: {then} {saved.get(k, RESUME_KEY_DEFAULTS.get(k))!r} vs now {v!r}"
+        changed.get(k) or f"{k}: {then} {saved.get(k, older.get(k))!r} vs now {v!r}"
         for k, v in current.items()
-        if saved.get(k, RESUME_KEY_DEFAULTS.get(k)) != v
+        if saved.get(k, older.get(k)) != v
         and not (k == "train_file" and same_data)  # the same data, moved: fine
         and not (k == "model_name_or_path" and same_base)  # the same base weights, moved: fine
         and not (k in changed and k not in saved)  # nothing to compare with

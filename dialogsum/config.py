@@ -18,20 +18,21 @@ import logging
 import math
 import os
 import re
-import sys
 import typing
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import yaml
 
+from dialogsum.command import SECRET_FIELDS, command_line
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.files import SUPPORTED_EXTENSIONS, name_length_problem, read_text, table_format, write_text
+from dialogsum.files import name_length_problem, read_text, write_text
 from dialogsum.formatting import shorten
 from dialogsum.preemption import EXIT_STOPPED, parse_duration
 from dialogsum.process import is_main_launch_process
+from dialogsum.sagemaker import check_sagemaker_channels, sagemaker_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,22 @@ LORA_INITS_REFUSED = {
     "loftq": "a quantized base model (LoftQ initialises against the quantization error)",
     "mica": "support this project does not have yet (MiCA freezes B; its saving and resuming are untested here)",
 }
-LENGTH_BUCKET_CHOICES = ("auto", "on", "off")
-REPORT_TO_CHOICES = ("all", "wandb", "tensorboard", "none")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "adafactor")
+# Choices are Literal types: HfArgumentParser turns them into the flags' choices, and validate() checks them for
+# settings that come from elsewhere (YAML, build_config), both with one message (see _choice_error).
+LengthBuckets = Literal["auto", "on", "off"]
+ReportTo = Literal["all", "wandb", "tensorboard", "none"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Optimizer = Literal["adamw", "adafactor"]
+EvalSplit = Literal["test", "validation"]
+BestMetric = Literal["eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum"]
+LENGTH_BUCKET_CHOICES = typing.get_args(LengthBuckets)
+REPORT_TO_CHOICES = typing.get_args(ReportTo)
+SCHEDULERS = typing.get_args(Scheduler)
+OPTIMIZERS = typing.get_args(Optimizer)
 #: The learning rate of --optim adafactor when --learning_rate is not given: T5's usual fine-tuning setting
 #: (a fixed lr, relative step off), for full fine-tuning and LoRA alike.
 ADAFACTOR_LEARNING_RATE = 1e-3
-BEST_METRICS = ("eval_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
+BEST_METRICS = typing.get_args(BestMetric)
 #: The largest seed: numpy (seeded by accelerate's set_seed with the same value) takes 32-bit seeds only.
 MAX_SEED = 2**32 - 1
 
@@ -92,11 +101,24 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+_UNSET = object()
+
+
+def _resume_help(text: str, older_checkpoints: Any = _UNSET, **kwargs: Any) -> Any:
+    """A setting a resumed run must share with its checkpoint (else it is not the same run: the checkpoint's
+    optimizer, scheduler or data position would silently override or contradict it). ``older_checkpoints``: the
+    value of a setting added later, for checkpoints written before it existed."""
+    metadata: dict[str, Any] = {"help": text, "resume": True}
+    if older_checkpoints is not _UNSET:
+        metadata["older_checkpoints"] = older_checkpoints
+    return field(metadata=metadata, **kwargs)
+
+
 @dataclass
 class ModelArguments:
     """Which model and tokenizer to start from."""
 
-    model_name_or_path: str = _help(
+    model_name_or_path: str = _resume_help(
         "Hub id or local directory of a seq2seq model (config + tokenizer, weights if any).",
         default="google/flan-t5-base",
     )
@@ -114,42 +136,44 @@ class ModelArguments:
 class DataArguments:
     """Where the dialogues come from and how they become model inputs."""
 
-    dataset_name: str | None = _help(
+    dataset_name: str | None = _resume_help(
         "Hub dataset id (or a directory saved with save_to_disk). Ignored when any --*_file is given.",
         default="knkarthick/dialogsum",
     )
     dataset_config_name: str | None = _help("Dataset configuration name on the hub, if any.", default=None)
-    train_file: str | None = _help("Local training file (.jsonl, .json, .csv or .parquet).", default=None)
+    train_file: str | None = _resume_help("Local training file (.jsonl, .json, .csv or .parquet).", default=None)
     validation_file: str | None = _help("Local validation file (.jsonl, .json, .csv or .parquet).", default=None)
     test_file: str | None = _help(
         "Local test file; may hold several references as summary1, summary2, ... columns.", default=None
     )
-    text_column: str = _help("Column with the dialogue text.", default="dialogue")
-    summary_column: str = _help("Column with the reference summary.", default="summary")
+    text_column: str = _resume_help("Column with the dialogue text.", default="dialogue")
+    summary_column: str = _resume_help("Column with the reference summary.", default="summary")
     id_column: str = _help("Column with an example id (row number is used when absent).", default="fname")
-    prompt_template: str = _help(
+    prompt_template: str = _resume_help(
         "Prompt around each dialogue; must contain {dialogue}. Default: the lab's prompt.", default=LAB_PROMPT
     )
-    max_source_length: int = _help("Max prompt tokens; longer prompts are truncated (and counted).", default=512)
-    max_target_length: int = _help("Max summary tokens for training labels (longer are truncated).", default=128)
-    max_train_samples: int | None = _help("Use only the first N training rows (debugging/lab subsample).", default=None)
+    max_source_length: int = _resume_help("Max prompt tokens; longer prompts are truncated (and counted).", default=512)
+    max_target_length: int = _resume_help("Max summary tokens for training labels (longer are truncated).", default=128)
+    max_train_samples: int | None = _resume_help(
+        "Use only the first N training rows (debugging/lab subsample).", default=None
+    )
     max_eval_samples: int | None = _help("Use only the first N validation rows.", default=None)
     max_test_samples: int | None = _help("Use only the first N test dialogues.", default=None)
-    subsample_every: int | None = _help(
+    subsample_every: int | None = _resume_help(
         "Keep only rows whose index is a multiple of N, before the limits above (the lab used 100: "
         "12,460/500/1,500 rows -> 125/5/15).",
         default=None,
     )
-    group_by_length: bool = _help(
+    group_by_length: bool = _resume_help(
         "Batch training examples of similar length (seeded, random batch order): far less padding.", default=True
     )
-    max_tokens_per_batch: int | None = _help(
+    max_tokens_per_batch: int | None = _resume_help(
         "Token-budget training batches: as many (length-grouped) examples as fit N padded tokens, examples x "
         "(prompt width + summary width), instead of --per_device_train_batch_size examples. The batch then "
         "varies in examples: see docs/training.md for the learning rate.",
         default=None,
     )
-    length_buckets: str = _help(
+    length_buckets: LengthBuckets = _help(
         "Pad batches up to a few widths (16, 24, 32, 48, 64, 96, ... up to the max lengths), so that a compiled "
         "model sees a few shapes instead of one per batch: auto (on when the accelerate config compiles, i.e. "
         "sets a dynamo_backend), on or off.",
@@ -172,32 +196,36 @@ class TrainingArguments:
         "<output_dir>/quickstart_assets and train on them (no download, ~1 minute on 2 CPU cores).",
         default=False,
     )
-    per_device_train_batch_size: int = _help("Training batch size per process.", default=8)
+    per_device_train_batch_size: int = _resume_help("Training batch size per process.", default=8)
     per_device_eval_batch_size: int = _help("Evaluation/generation batch size per process.", default=16)
-    gradient_accumulation_steps: int = _help("Micro-batches accumulated per optimizer step.", default=1)
-    learning_rate: float | None = _help(
+    gradient_accumulation_steps: int = _resume_help("Micro-batches accumulated per optimizer step.", default=1)
+    learning_rate: float | None = _resume_help(
         "Peak learning rate. Default: 5e-5 for full fine-tuning, 1e-3 for LoRA and for --optim adafactor.", default=None
     )
-    weight_decay: float = _help("Weight decay (never applied to biases and LayerNorm weights).", default=0.01)
-    optim: str = _help(
+    weight_decay: float = _resume_help("Weight decay (never applied to biases and LayerNorm weights).", default=0.01)
+    optim: Optimizer = _resume_help(
         "Optimizer: adamw (torch's fused AdamW) or adafactor (transformers' Adafactor with T5's fine-tuning settings: "
         f"relative step off, no parameter scaling, no momentum; default lr {ADAFACTOR_LEARNING_RATE}). Adafactor keeps "
         "factored second moments instead of Adam's two full-size states (docs/training.md).",
         default="adamw",
+        older_checkpoints="adamw",
     )
-    label_smoothing_factor: float = _help(
+    label_smoothing_factor: float = _resume_help(
         "Label smoothing of the training loss (0 = none; e.g. 0.1): applied per target token, then token-weighted "
         "like the plain loss. Evaluation loss stays plain cross-entropy.",
         default=0.0,
+        older_checkpoints=0.0,
     )
     num_train_epochs: float = _help("Number of passes over the training data.", default=1.0)
     max_train_steps: int | None = _help("Optimizer steps to run; overrides --num_train_epochs.", default=None)
-    lr_scheduler_type: str = _help(f"Learning-rate schedule: one of {', '.join(SCHEDULERS)}.", default="linear")
+    lr_scheduler_type: Scheduler = _resume_help(
+        f"Learning-rate schedule: one of {', '.join(SCHEDULERS)}.", default="linear"
+    )
     num_warmup_steps: int | None = _help("Warm-up optimizer steps (default: --warmup_ratio of the run).", default=None)
     warmup_ratio: float = _help("Fraction of optimizer steps used for linear warm-up.", default=0.0)
     max_grad_norm: float = _help("Clip the global gradient norm to this value (0 disables).", default=1.0)
     logging_steps: int = _help("Log loss, lr, grad norm and tokens/s every N optimizer steps.", default=10)
-    seed: int = _help("Random seed for initialisation, data order and dropout.", default=42)
+    seed: int = _resume_help("Random seed for initialisation, data order and dropout.", default=42)
     checkpointing_steps: str | None = _help(
         "Save the full training state every N optimizer steps, or 'epoch'.", default=None
     )
@@ -226,7 +254,7 @@ class TrainingArguments:
     eval_with_generation: bool = _help(
         "During training evaluations, also generate and compute ROUGE (slower than loss alone).", default=False
     )
-    metric_for_best: str = _help(
+    metric_for_best: BestMetric = _help(
         f"Metric that selects the best checkpoint: {', '.join(BEST_METRICS)}.", default="eval_loss"
     )
     early_stopping_patience: int | None = _help(
@@ -239,37 +267,42 @@ class TrainingArguments:
     )
     do_train: bool = _help("Run training (set False to only evaluate the starting model).", default=True)
     do_eval: bool = _help("After training, generate on --eval_split and compute ROUGE.", default=True)
-    eval_split: str = _help("Split used for the final evaluation: test or validation.", default="test")
+    eval_split: EvalSplit = _help("Split used for the final evaluation: test or validation.", default="test")
 
 
 @dataclass
 class LoraArguments:
     """LoRA adapter settings (used by train_lora.py). Defaults are the lab's."""
 
-    lora_r: int = _help("LoRA rank.", default=32)
-    lora_alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("Dropout on the LoRA branch.", default=0.05)
-    lora_target_modules: list[str] = _help(
+    lora_r: int = _resume_help("LoRA rank.", default=32)
+    lora_alpha: int = _resume_help("LoRA scaling numerator (scale = alpha / r).", default=32)
+    lora_dropout: float = _resume_help("Dropout on the LoRA branch.", default=0.05)
+    lora_target_modules: list[str] = _resume_help(
         "Module names to adapt (T5 attention: q k v o; feed-forward: wi_0 wi_1 wo on gated FLAN-T5, wi wo on the "
         "original T5), or all-linear (every linear layer but the output head: on FLAN-T5 q k v o wi_0 wi_1 wo).",
         default_factory=lambda: ["q", "v"],
     )
-    use_dora: bool = _help(
+    use_dora: bool = _resume_help(
         "DoRA (peft use_dora): a trained magnitude per output feature on top of the LoRA direction update.",
         default=False,
+        older_checkpoints=False,
     )
-    use_rslora: bool = _help(
-        "rsLoRA (peft use_rslora): scale the update by alpha / sqrt(r) instead of alpha / r.", default=False
+    use_rslora: bool = _resume_help(
+        "rsLoRA (peft use_rslora): scale the update by alpha / sqrt(r) instead of alpha / r.",
+        default=False,
+        older_checkpoints=False,
     )
-    init_lora_weights: str = _help(
+    init_lora_weights: str = _resume_help(
         f"LoRA initialisation (peft init_lora_weights): {', '.join(LORA_INITS)}. pissa and olora start from the "
         "base weights' principal directions and change the base weights; their adapter is saved converted to plain "
         "LoRA (rank 2r) against the original base model.",
         default="true",
+        older_checkpoints="true",
     )
-    loraplus_lr_ratio: float | None = _help(
+    loraplus_lr_ratio: float | None = _resume_help(
         "LoRA+ (peft create_loraplus_optimizer): the B matrices learn at --learning_rate x this ratio (e.g. 16).",
         default=None,
+        older_checkpoints=None,
     )
     merge_lora: bool = _help(
         "After training, also write a standalone model with the adapter (LoRA or IA3) merged in to "
@@ -282,11 +315,11 @@ class LoraArguments:
 class IA3Arguments:
     """(IA)^3 adapter settings (used by train_ia3.py). Defaults are peft's for T5."""
 
-    ia3_target_modules: list[str] = _help(
+    ia3_target_modules: list[str] = _resume_help(
         "Module names whose activations get a learned scale (T5: k v of attention, wo of the feed-forward).",
         default_factory=lambda: ["k", "v", "wo"],
     )
-    ia3_feedforward_modules: list[str] = _help(
+    ia3_feedforward_modules: list[str] = _resume_help(
         "The feed-forward ones among --ia3_target_modules (scaled on their input, not their output).",
         default_factory=lambda: ["wo"],
     )
@@ -306,7 +339,7 @@ class GenerationArguments:
 class TrackingArguments:
     """Experiment tracking (W&B, TensorBoard)."""
 
-    report_to: str = _help(
+    report_to: ReportTo = _help(
         "Trackers: all (wandb + tensorboard), wandb, tensorboard or none. W&B honours WANDB_MODE.",
         default="all",
     )
@@ -357,8 +390,6 @@ PATH_FIELDS = (
 )
 
 
-#: Settings never written to config.yaml, a tracker or metrics.json.
-SECRET_FIELDS = ("hub_token",)
 
 #: Flags of the Hugging Face example scripts that have another name here: old -> (new, hint).
 RENAMED_FLAGS = {
@@ -444,6 +475,31 @@ class Config:
         return DEFAULT_LEARNING_RATE[self.method]
 
 
+#: The section of each method's own settings (a resume compares only the running method's).
+METHOD_SECTIONS: dict[str, type] = {"lora": LoraArguments, "ia3": IA3Arguments}
+
+
+def resume_settings(method: str) -> tuple[str, ...]:
+    """The settings a run resuming with ``method`` must share with its checkpoint: ``method`` and every field
+    marked with :func:`_resume_help` (another method's own settings left out), in declaration order."""
+    names = ["method"]
+    for section in SECTIONS.values():
+        if section in METHOD_SECTIONS.values() and section is not METHOD_SECTIONS.get(method):
+            continue
+        names += [f.name for f in dataclasses.fields(section) if f.metadata.get("resume")]
+    return tuple(names)
+
+
+def older_checkpoint_values() -> dict[str, Any]:
+    """For resume settings added after checkpoints were first written: the value such a checkpoint was made with."""
+    return {
+        f.name: f.metadata["older_checkpoints"]
+        for section in SECTIONS.values()
+        for f in dataclasses.fields(section)
+        if "older_checkpoints" in f.metadata
+    }
+
+
 def field_names() -> dict[str, str]:
     """Map every flag name to its section name."""
     return {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
@@ -472,6 +528,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
+#: Field metadata of the project's own (HfArgumentParser hands every other key to ``add_argument``).
+_OWN_METADATA = ("resume", "older_checkpoints")
+
+
+def _flag_metadata(f: dataclasses.Field) -> dict[str, Any]:
+    return {k: v for k, v in f.metadata.items() if k not in _OWN_METADATA}
+
+
 def _flag_class(section: str, cls: type, names: tuple[str, ...] | None) -> type:
     """A copy of a config dataclass (only the fields ``names``, all when None) for HfArgumentParser.
 
@@ -480,7 +544,7 @@ def _flag_class(section: str, cls: type, names: tuple[str, ...] | None) -> type:
     """
     hints = typing.get_type_hints(cls)
     fields = [
-        (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory, metadata=_flag_metadata(f)))
         for f in dataclasses.fields(cls)
         if names is None or f.name in names
     ]
@@ -503,6 +567,10 @@ def build_parser(
 
     class Parser(HfArgumentParser):
         def error(self, message: str) -> NoReturn:  # type: ignore[override]
+            choice = re.fullmatch(r"argument (--\w+)(?:/--[\w-]+)?: invalid choice: (.*) \(choose from (.*)\)", message)
+            if choice:  # said as validate() says it for YAML files and build_config
+                flag, value, options = choice.groups()
+                raise _choice_error(flag, ast.literal_eval(value), [o.strip().strip("'") for o in options.split(",")])
             # an HF example flag this project renamed: say its name here
             raise ConfigError(f"{message}{renamed_flag_hint(message.replace(':', ' ').split())} (see --help)")
 
@@ -645,69 +713,6 @@ def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     return {k: (v if k == "method" else _file_value(actions[k], k, v, f"--config {path}")) for k, v in data.items()}
 
 
-#: Where SageMaker keeps checkpoints: synced to the estimator's ``checkpoint_s3_uri`` while the job runs and
-#: restored from it when a spot job restarts (its ``checkpoint_local_path`` default).
-SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
-
-
-def on_sagemaker() -> bool:
-    """Whether this process runs inside a SageMaker training job (its environment variables are set)."""
-    return bool(os.environ.get("SM_MODEL_DIR") or os.environ.get("SM_TRAINING_ENV"))
-
-
-def _sagemaker_defaults(given: Collection[str] = ()) -> dict[str, Any]:
-    """On SageMaker, its standard environment variables supply output and data paths; checkpoints go to
-    :data:`SAGEMAKER_CHECKPOINT_DIR` and a restarted job continues from the newest one there (``latest``).
-    Channels of the settings in ``given`` (set explicitly) are not looked at."""
-    defaults: dict[str, Any] = {}
-    if on_sagemaker():
-        defaults.update(checkpoint_dir=SAGEMAKER_CHECKPOINT_DIR, resume_from_checkpoint="latest")
-    if os.environ.get("SM_MODEL_DIR"):
-        defaults["output_dir"] = os.environ["SM_MODEL_DIR"]
-    for channel, key in (("TRAIN", "train_file"), ("VALIDATION", "validation_file"), ("TEST", "test_file")):
-        directory = os.environ.get(f"SM_CHANNEL_{channel}")
-        if directory and key not in given:
-            defaults[key] = _channel_file(f"SM_CHANNEL_{channel}", directory)
-    return defaults
-
-
-def check_sagemaker_channels(cfg: Config) -> None:
-    """On SageMaker, evaluating on the test split needs a ``test`` channel when the data come from channels.
-
-    Without one, the default ``--eval_split test`` would have nothing to read; say which hyperparameter fixes it.
-    """
-    d, t = cfg.data, cfg.train
-    if not on_sagemaker() or not t.do_eval or t.eval_split != "test" or d.test_file:
-        return
-    if not (d.train_file or d.validation_file):
-        return  # --dataset_name: its test split
-    channels = [c.lower() for c in ("TRAIN", "VALIDATION", "TEST") if os.environ.get(f"SM_CHANNEL_{c}")]
-    raise ConfigError(
-        f"SageMaker: --eval_split test (the default) needs a 'test' channel and this job has "
-        f"{', '.join(channels) or 'no'} channel(s) only; set the hyperparameter eval_split='validation' to evaluate "
-        "on the validation channel, or pass a 'test' channel to fit()"
-    )
-
-
-def _channel_file(variable: str, directory: str) -> str:
-    """The data file of a SageMaker channel folder: the first one (by name) of a format the project reads.
-
-    A channel without such a file is an error: the run must not fall back silently to another dataset.
-    """
-    try:
-        entries = sorted(p for p in Path(directory).iterdir() if not p.name.startswith("."))
-    except OSError as exc:
-        raise ConfigError(f"{variable}={directory}: cannot list the channel folder ({exc.strerror or exc})") from exc
-    files = [p for p in entries if p.is_file() and table_format(p) is not None]
-    if not files:
-        found = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "") or "nothing"
-        raise ConfigError(
-            f"{variable}={directory} holds no data file this project reads (found: {found}); give the channel "
-            f"a {', '.join(SUPPORTED_EXTENSIONS)} file"
-        )
-    return str(files[0])
-
-
 def parse_config(argv: Sequence[str] | None, method: str, description: str = "") -> Config:
     """Parse flags (and ``--config`` YAML) into a validated :class:`Config` for ``method``.
 
@@ -726,7 +731,7 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
         if file_method is not None and file_method != method:
             raise ConfigError(f"--config {config_path} is for method {file_method!r}, this script trains {method!r}")
     explicit.update(given)
-    values: dict[str, Any] = _sagemaker_defaults(explicit)
+    values: dict[str, Any] = sagemaker_defaults(explicit)
     if explicit.get("overwrite_output_dir") or explicit.get("resume_from_checkpoint") == "":
         values.pop("resume_from_checkpoint", None)  # asked to start afresh: not SageMaker's default 'latest'
     if explicit.get("quickstart"):
@@ -809,30 +814,6 @@ def idle_settings(cfg: Config, total_steps: int) -> list[str]:
     return found
 
 
-def mask_secrets(args: Sequence[str]) -> list[str]:
-    """``args`` with the value of every secret flag (``--hub_token x``, ``--hub_token=x``) replaced by ``***``."""
-    masked, hide_next = [], False
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if hide_next:
-            masked.append("***")
-        elif flag.lstrip("-") in SECRET_FIELDS and "=" in arg:
-            masked.append(f"{flag}=***")
-        else:
-            masked.append(arg)
-        hide_next = not hide_next and arg.lstrip("-") in SECRET_FIELDS and arg.startswith("--")
-    return masked
-
-
-def command_line(argv: Sequence[str] | None, script: str) -> str:
-    """``python <script> <flags>`` as this process was started (secrets masked); :func:`dialogsum.tracking.
-    provenance` puts the ``accelerate launch`` command in its place when that launcher started the process."""
-    import shlex
-
-    args = list(argv) if argv is not None else sys.argv[1:]
-    return shlex.join(["python", script, *mask_secrets(args)])
-
-
 def build_config(method: str, values: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a flat ``{flag: value}`` dict."""
     known = field_names()
@@ -881,6 +862,24 @@ def _positive(name: str, value: float | None, allow_none: bool = True, allow_zer
         raise ConfigError(f"--{name} must be {bound}, got {value}")
 
 
+def _choice_error(flag: str, value: Any, choices: Sequence[Any]) -> ConfigError:
+    """The one message for a value outside a setting's choices (from the command line, a YAML file or code)."""
+    return ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every setting typed as a ``Literal`` holds one of its values (the flags' parser checks the command line;
+    this covers YAML files and :func:`build_config`)."""
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            if typing.get_origin(hints[f.name]) is Literal:
+                value = getattr(section, f.name)
+                if value not in typing.get_args(hints[f.name]):
+                    raise _choice_error(f"--{f.name}", value, typing.get_args(hints[f.name]))
+
+
 def validate(cfg: Config) -> None:
     """Check every value; raise :class:`ConfigError` naming the first bad flag."""
     d, t, lo, g, tr = cfg.data, cfg.train, cfg.lora, cfg.gen, cfg.track
@@ -888,6 +887,7 @@ def validate(cfg: Config) -> None:
         for key, value in dataclasses.asdict(getattr(cfg, name)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{key} must be a finite number, got {value}")
+    _check_choices(cfg)
     for key in PATH_FIELDS:
         value = getattr(getattr(cfg, field_names()[key]), key)
         problem = name_length_problem(value) if isinstance(value, str) else None
@@ -905,10 +905,6 @@ def validate(cfg: Config) -> None:
         _positive(name, getattr(d, name), allow_none=False)
     for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "subsample_every"):
         _positive(name, getattr(d, name))
-    if d.length_buckets not in LENGTH_BUCKET_CHOICES:
-        raise ConfigError(
-            f"--length_buckets must be one of {', '.join(LENGTH_BUCKET_CHOICES)}, got {d.length_buckets!r}"
-        )
     if d.max_tokens_per_batch is not None:
         _positive("max_tokens_per_batch", d.max_tokens_per_batch)
         largest = d.max_source_length + d.max_target_length  # the widest example, padded, takes this many
@@ -928,8 +924,6 @@ def validate(cfg: Config) -> None:
     if t.learning_rate is not None and not (0 < t.learning_rate < 1):
         raise ConfigError(f"--learning_rate must be in (0, 1), got {t.learning_rate}")
     _positive("weight_decay", t.weight_decay, allow_zero=True)
-    if t.optim not in OPTIMIZERS:
-        raise ConfigError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {t.optim!r}")
     if not 0 <= t.label_smoothing_factor < 1:
         raise ConfigError(f"--label_smoothing_factor must be in [0, 1), got {t.label_smoothing_factor}")
     _positive("num_train_epochs", t.num_train_epochs, allow_none=False)
@@ -938,8 +932,6 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _positive("max_grad_norm", t.max_grad_norm, allow_zero=True)
-    if t.lr_scheduler_type not in SCHEDULERS:
-        raise ConfigError(f"--lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {t.lr_scheduler_type!r}")
     if t.checkpointing_steps is not None and t.checkpointing_steps != "epoch":
         if checkpoint_every(t.checkpointing_steps) <= 0:
             raise ConfigError(
@@ -964,8 +956,6 @@ def validate(cfg: Config) -> None:
     _positive("ddp_timeout", t.ddp_timeout, allow_none=False)
     _positive("eval_steps", t.eval_steps)
     _positive("early_stopping_patience", t.early_stopping_patience)
-    if t.metric_for_best not in BEST_METRICS:
-        raise ConfigError(f"--metric_for_best must be one of {', '.join(BEST_METRICS)}, got {t.metric_for_best!r}")
     if t.metric_for_best != "eval_loss" and t.eval_steps and not t.eval_with_generation:
         raise ConfigError(f"--metric_for_best {t.metric_for_best} needs --eval_with_generation (ROUGE during training)")
     if t.early_stopping_patience is not None and not t.eval_steps:
@@ -980,8 +970,6 @@ def validate(cfg: Config) -> None:
     if lo.merge_lora and not t.do_train:
         raise ConfigError("--merge_lora needs --do_train (it merges the adapter this run trains)")
     check_hub_arguments(cfg.hub)
-    if t.eval_split not in ("test", "validation"):
-        raise ConfigError(f"--eval_split must be test or validation, got {t.eval_split!r}")
     _positive("lora_r", lo.lora_r, allow_none=False)
     _positive("lora_alpha", lo.lora_alpha, allow_none=False)
     if not 0 <= lo.lora_dropout < 1:
@@ -1002,8 +990,6 @@ def validate(cfg: Config) -> None:
     problem = project_name_problem(project) if project is not None and tr.report_to != "none" else None
     if problem:
         raise ConfigError(f"{source} {project!r}: {problem}")
-    if tr.report_to not in REPORT_TO_CHOICES:
-        raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {tr.report_to!r}")
 
 
 def validate_lora_variant(cfg: Config) -> None:

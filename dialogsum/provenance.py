@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dialogsum.config import Config, mask_secrets
+from dialogsum.command import mask_secrets
+from dialogsum.config import Config
 from dialogsum.distributed import launcher_command
 
 #: Packages whose versions are logged with every run (absent ones are skipped).

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.checkpointing import checkpoint_dirs, checkpoint_root, find_latest, fingerprint, settings_differences
-from dialogsum.config import Config, build_config, mask_secrets
+from dialogsum.command import mask_secrets
+from dialogsum.config import Config, build_config
 from dialogsum.errors import UserError
 from dialogsum.files import write_json
 from dialogsum.process import is_main_launch_process

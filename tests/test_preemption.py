@@ -25,10 +25,11 @@ from wandb_records import load_run, read_records
 
 from dialogsum import preemption
 from dialogsum.checkpointing import find_latest, read_state
-from dialogsum.config import SAGEMAKER_CHECKPOINT_DIR, parse_config
+from dialogsum.config import parse_config
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.preemption import EXIT_STOPPED, StopRequest, parse_duration
 from dialogsum.run_folder import check_output_dir, release_output_dirs
+from dialogsum.sagemaker import SAGEMAKER_CHECKPOINT_DIR
 from tools import soak
 from tools.soak import TRAIN_FLAGS, Setup
 
