@@ -38,7 +38,7 @@ import torch
 
 from dialogsum.config import ADAPTER_METHODS, Config, older_checkpoint_values, resume_settings
 from dialogsum.errors import UserError
-from dialogsum.files import json_object_or_none, read_json_object, write_bytes, write_json, write_text
+from dialogsum.files import discard, json_object_or_none, read_json_object, write_bytes, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -459,12 +459,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _remove(path: Path, suffix: str) -> None:
-    """Delete a folder without ever leaving it half-deleted under its own name: rename first, then remove."""
+    """Delete a checkpoint folder by way of ``<name><suffix>`` (a leftover name that :func:`checkpoint_dirs`
+    never takes for a checkpoint and the next run cleans up)."""
     trash = path.with_name(path.name + suffix)
     if trash.exists():
         shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    discard([path], trash)
 
 
 def save_checkpoint(

@@ -231,8 +231,12 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _set_cpu_threads(request: LaunchRequest, local_world_size: int) -> None:
-    """Give this CPU process its share of the cores unless the user chose a thread count."""
+def _set_cpu_threads(request: LaunchRequest, local_world_size: int, fixed: int | None = None) -> None:
+    """Give this CPU process ``fixed`` threads, else its share of the cores unless the user chose a count."""
+    if fixed is not None:
+        torch.set_num_threads(fixed)
+        logger.info("CPU threads per process: %d (this run's setting)", fixed)
+        return
     share = max(1, _available_cores() // max(1, local_world_size))
     current = torch.get_num_threads()
     if request.threads_explicit:
@@ -253,6 +257,7 @@ def build_accelerator(
     log_with: list[str] | None = None,
     project_dir: str | None = None,
     ddp_timeout: int = DEFAULT_DDP_TIMEOUT_S,
+    cpu_threads: int | None = None,
 ) -> Accelerator:
     """Build the :class:`~accelerate.Accelerator` for the current launch, checked and tuned for CPU.
 
@@ -260,8 +265,9 @@ def build_accelerator(
     * Every collective waits at most ``ddp_timeout`` seconds for the other processes (``--ddp_timeout``);
       :func:`collective_timeout_error` turns a timed-out one into an error naming the process that did not come.
     * Raises :class:`UserError` when the number of processes differs from what the launcher was asked for.
-    * On CPU, each process gets ``cores // local processes`` torch threads unless the user chose a count, and
-      the runtime settings of :mod:`dialogsum.cpu_runtime` (denormals flushed, freed memory kept).
+    * On CPU, each process gets ``cpu_threads`` torch threads when given (the quick start's tiny model: 1), else
+      ``cores // local processes`` unless the user chose a count; and the runtime settings of
+      :mod:`dialogsum.cpu_runtime` (denormals flushed, freed memory kept).
     """
     request = read_launch_request()
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -314,7 +320,7 @@ def build_accelerator(
         )
     if accelerator.device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
-        _set_cpu_threads(request, local_world)
+        _set_cpu_threads(request, local_world, cpu_threads)
     enable_tf32(accelerator.device)  # fp32 matmuls on TF32 tensor cores, where the GPU has them
     if compiles(accelerator):
         plugin = accelerator.state.dynamo_plugin

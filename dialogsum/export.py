@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
-from dialogsum.files import json_object_or_none, write_bytes
+from dialogsum.files import discard, json_object_or_none, write_bytes
 from dialogsum.run_folder import (
     check_can_create,
     check_folder_contents,
@@ -113,9 +113,7 @@ def export_merged(adapter_path: str | Path, output_dir: str | Path, base: str) -
             held.move_in(tmp)
         else:  # a folder inside a run's own (train_lora.py --merge_lora): replaced whole
             if out.exists():
-                trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-                os.replace(out, trash / out.name)
-                shutil.rmtree(trash, ignore_errors=True)
+                discard([out], Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")))
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

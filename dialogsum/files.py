@@ -437,3 +437,16 @@ def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write JSON lines atomically."""
     return write_text(path, jsonl_text(rows))
+
+
+def discard(paths: Iterable[Path], trash: Path) -> None:
+    """Delete files and folders without ever leaving one half-deleted under its own name: each is first moved
+    into ``trash`` (one atomic rename each; ``trash`` is created, beside them on the same filesystem), then
+    ``trash`` is removed. A kill part-way leaves only ``trash``, which its owner recognises and deletes later.
+    A rename that fails raises ``OSError`` with nothing deleted yet."""
+    import shutil
+
+    trash.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -41,7 +41,7 @@ from dialogsum.checkpointing import checkpoint_dirs, checkpoint_root, find_lates
 from dialogsum.command import mask_secrets
 from dialogsum.config import Config, build_config
 from dialogsum.errors import UserError
-from dialogsum.files import write_json
+from dialogsum.files import discard, write_json
 from dialogsum.process import is_main_launch_process
 
 logger = logging.getLogger(__name__)
@@ -267,10 +267,9 @@ class RunFolder:
         trash_left = [p.name for p in self.out.iterdir() if p.name.startswith(_TRASH_PREFIX)]
         if not names and not trash_left:
             return []
+        trash = Path(tempfile.mkdtemp(dir=self.out, prefix=_TRASH_PREFIX))
         try:
-            trash = Path(tempfile.mkdtemp(dir=self.out, prefix=_TRASH_PREFIX))
-            for name in [*names, *trash_left]:
-                os.replace(self.out / name, trash / name)
+            discard([self.out / name for name in [*names, *trash_left]], trash)
         except OSError as exc:
             raise UserError(
                 f"--overwrite_output_dir: could not move the previous run's files out of {self.out} "
@@ -279,7 +278,6 @@ class RunFolder:
         self.owned.clear()
         self.found -= set(names)
         self.record()  # the manifest lists nothing of the previous run any more
-        shutil.rmtree(trash, ignore_errors=True)
         return names
 
     def move_in(self, built: Path) -> None:

@@ -87,6 +87,8 @@ class RunPlan:
     """Trackers for ``Accelerator(log_with=...)`` (None: none)."""
     hub: HubTarget | None = None
     """Where ``--push_to_hub`` uploads (checked), or None."""
+    cpu_threads: int | None = None
+    """Torch threads per CPU process, when the run fixes them (``build_accelerator(cpu_threads=...)``)."""
 
     @property
     def tensorboard_dir(self) -> str:
@@ -129,7 +131,10 @@ def check_run(cfg: Config) -> RunPlan:
     except BaseException:
         release_output_dirs()
         raise
-    return RunPlan(out=out, resume=resume, splits=splits, trackers=trackers, hub=hub)
+    # --quickstart: a 64-wide model gains nothing from intra-op threads, and OpenMP threads spinning against other
+    # work on a busy machine made it up to 20x slower: one thread per process
+    threads = 1 if cfg.train.quickstart else None
+    return RunPlan(out=out, resume=resume, splits=splits, trackers=trackers, hub=hub, cpu_threads=threads)
 
 
 def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
@@ -140,10 +145,6 @@ def with_quickstart_assets(cfg: Config, accelerator: Any) -> Config:
     root = Path(cfg.train.output_dir or ".") / QUICKSTART_DIR
     with accelerator.main_process_first():
         model_dir, data_dir = build_quickstart_assets(root, seed=0)
-    if accelerator.device.type == "cpu":
-        # a 64-wide model gains nothing from intra-op threads, and OpenMP threads spinning against other work
-        # on a busy machine made it up to 20x slower: one thread per process
-        torch.set_num_threads(1)
     data = replace(
         cfg.data,
         dataset_name=None,

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t = cfg.train
     run = steps.check_run(cfg)  # output folder, resume point, data, model, trackers: before anything slow
     accelerator = distributed.build_accelerator(
-        t.gradient_accumulation_steps, run.trackers, run.tensorboard_dir, t.ddp_timeout
+        t.gradient_accumulation_steps, run.trackers, run.tensorboard_dir, t.ddp_timeout, run.cpu_threads
     )
     try:
         cfg = steps.with_quickstart_assets(cfg, accelerator)  # --quickstart: the generated tiny model and data

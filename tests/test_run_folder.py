@@ -397,3 +397,18 @@ def test_the_tree_snapshot_sees_files_links_and_special_files_but_not_what_a_run
     (tmp_path / "pipe").write_text("")
     after = snapshot_tree([tmp_path], may_write=[tmp_path / "out", tmp_path / "summary.jsonl"])
     assert tree_changes(before, after) == [f"changed {tmp_path / name}" for name in ("data.jsonl", "link", "pipe")]
+
+
+def test_discard_moves_aside_then_deletes(tmp_path: Path) -> None:
+    """The one way the project deletes what a run wrote: renamed into a trash folder first, then removed."""
+    from dialogsum.files import discard
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "keep.md").write_text("mine")
+    discard([tmp_path / "checkpoint-2", tmp_path / "metrics.json"], tmp_path / ".trash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.md"]
+    with pytest.raises(FileNotFoundError):  # a rename that fails deletes nothing
+        discard([tmp_path / "missing", tmp_path / "keep.md"], tmp_path / ".trash2")
+    assert (tmp_path / "keep.md").read_text() == "mine"
