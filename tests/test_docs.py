@@ -78,3 +78,17 @@ def test_no_reference_to_the_old_benchmarks_file() -> None:
     for folder in ("dialogsum", "tools", "scripts", "tests", "accelerate_configs"):
         texts += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".yaml") and p.name != "test_docs.py"]
     assert [str(p.relative_to(REPO)) for p in texts if "BENCHMARKS.md" in p.read_text()] == []
+
+
+def test_the_module_map_names_every_module() -> None:
+    """The README's module map has one line for every module of the package, script, tool and launcher config."""
+    readme = (REPO / "README.md").read_text()
+    shipped = [
+        *(REPO / "dialogsum").glob("*.py"),
+        *(REPO / "scripts").glob("*.py"),
+        *(REPO / "tools").glob("*.py"),
+        *(REPO / "accelerate_configs").glob("*.yaml"),
+    ]
+    listed = set(re.findall(r"^  (\S+\.(?:py|yaml)) ", readme, re.M))
+    missing = [str(p.relative_to(REPO)) for p in shipped if p.name != "__init__.py" and p.name not in listed]
+    assert not missing, f"not in the README's module map: {missing}"
