@@ -1,34 +1,51 @@
-"""Training checkpoints: atomic save, ``latest`` lookup, retention, exact resume and compatibility checks.
+"""Training checkpoints: what a save writes and in which order, ``latest`` lookup, retention, exact resume and
+compatibility checks. The loop asks :class:`Checkpointer` to save; everything a save does is in this module.
 
-A checkpoint is written to ``checkpoint-<step>.tmp`` by every process (``accelerator.save_state``: weights,
-optimizer, scheduler, RNG states), its files are flushed to disk, then the main process writes
-``trainer_state.json`` last and renames the folder to ``checkpoint-<step>``. A kill at any moment therefore
-leaves either a complete checkpoint or a ``.tmp`` folder that :func:`find_latest` ignores. Folders are deleted
-the same way round: renamed to ``*.deleting`` first (atomic), then removed, so a kill during a deletion never
-leaves a half-deleted folder under a checkpoint name.
+One save (:meth:`Checkpointer.save`, every process), in this order:
 
-A model with frozen parameters (LoRA) is checkpointed with its trainable tensors only: the frozen base comes
-from ``--model_name_or_path`` on resume, as it did at the start. For flan-t5-base with LoRA r=32 that is
-~14 MB of weights per checkpoint instead of ~1 GB.
+1. one all-reduce: the log window's sums and whether the weights are finite; a non-finite loss or weight is
+   refused (:func:`diverged`), so no diverged state ever gets a checkpoint name. The sums go into
+   ``state.sums`` (:class:`LogSums`).
+2. :func:`save_checkpoint` into ``checkpoint-<step>.tmp``:
 
-Every checkpoint also loads on its own, like the final model: the full model (``model.safetensors`` +
-``config.json``) or the LoRA adapter, the tokenizer and ``generation_config.json``, so ``evaluate.py``,
-``summarize.py`` and ``export.py`` take a checkpoint folder. A fully trained model's weights are stored once, in
-that loadable form, and resuming reads them from there.
+   a. the model in loadable form (``save_pretrained``: ``model.safetensors`` + ``config.json``, or the LoRA
+      adapter), the tokenizer the recipe loaded, ``generation_config.json``. This comes first because of the
+      next step's hook: it looks for that loadable copy.
+   b. ``accelerator.save_state`` (weights, optimizer, scheduler, accelerate's RNG files). Its save hook
+      (:func:`install_checkpoint_hooks`) keeps only the trainable tensors of a partly frozen model (LoRA:
+      the frozen base comes from ``--model_name_or_path`` on resume), and for a fully trained model whose
+      loadable copy is already in the folder it saves no second copy of the weights, writing
+      ``trainable_only.json`` instead; the load hook reads the weights back from the loadable copy.
+   c. ``rng_state_<rank>.pkl``: this process's RNG states and its own loss sums; every file is flushed to disk.
+   d. the main process: ``config.yaml``, ``log_history.jsonl`` (the log up to this step), then
+      ``trainer_state.json`` last (:class:`TrainState`, listing every other file with its size), then the
+      folder is renamed to ``checkpoint-<step>``. A kill at any moment leaves either a complete checkpoint or a
+      ``.tmp`` folder that :func:`find_latest` ignores (and the next run removes).
+
+3. the main process: old checkpoints are pruned (never the best one), then the loop's ``on_saved`` (the
+   trackers flushed, the output folder's manifest updated).
+
+Folders are deleted the same way round: renamed to ``*.deleting`` first (atomic), then removed, so a kill during
+a deletion never leaves a half-deleted folder under a checkpoint name.
+
+For flan-t5-base with LoRA r=32 a checkpoint holds ~14 MB of weights instead of ~1 GB. Every checkpoint loads on
+its own, like the final model, so ``evaluate.py``, ``summarize.py`` and ``export.py`` take a checkpoint folder.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
 import re
 import shutil
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,11 +55,22 @@ import torch
 
 from dialogsum.config import ADAPTER_METHODS, Config, older_checkpoint_values, resume_settings
 from dialogsum.errors import UserError
-from dialogsum.files import discard, json_object_or_none, read_json_object, write_bytes, write_json, write_text
+from dialogsum.files import (
+    discard,
+    json_object_or_none,
+    jsonl_text,
+    read_json_object,
+    write_bytes,
+    write_json,
+    write_text,
+)
+from dialogsum.preemption import StopRequest
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+#: The log events of a run, one JSON object per line (output folder; a copy in every checkpoint).
+HISTORY_FILE = "log_history.jsonl"
 #: In STATE_FILE: every other file of the checkpoint with its size in bytes.
 FILES_KEY = "files"
 #: In TRAINABLE_ONLY_FILE: the model's weights are the checkpoint's loadable model (``model.safetensors``).
@@ -54,13 +82,32 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|deleting|replaced)$")
 
 @dataclass
-class TrainState:
-    """Counters and running sums of the loop; saved as JSON in every checkpoint.
+class LogSums:
+    """The log window's and the run's running sums, over all processes (each process's own loss sums are saved
+    with its RNG states instead). They let a resumed run write the same log lines as an uninterrupted one: a log
+    window that straddles the checkpoint continues from the saved sums instead of starting empty."""
 
-    The running sums let a resumed run write the same log lines as an uninterrupted one: a log window that
-    straddles the checkpoint continues from the saved sums instead of starting empty. (Each process's own loss
-    sums are saved with its RNG states, see :func:`save_checkpoint`.)
-    """
+    window_targets: int = 0
+    """Target (summary) tokens (all processes) in the current log window: the token-weighted loss's divisor."""
+    window_tokens: int = 0
+    """Real tokens (all processes) in the current log window."""
+    window_samples: int = 0
+    """Examples (all processes) in the current log window."""
+    total_targets: int = 0
+    """Target (summary) tokens (all processes) since the start of training."""
+    total_tokens: int = 0
+    """Real tokens (all processes) logged since the start of training."""
+    total_samples: int = 0
+    """Examples (all processes) logged since the start of training."""
+    elapsed_s: float = 0.0
+    """Training time before this process started (earlier runs of a resumed training)."""
+
+
+@dataclass
+class TrainState:
+    """Where the loop stands, saved as ``trainer_state.json`` in every checkpoint: its progress (step, position in
+    the epoch, best metric, the settings it was made with) and, in :attr:`sums`, the log's running sums. The JSON
+    file holds both flat, in one object (the keys of checkpoints written before the split)."""
 
     step: int = 0
     """Optimizer steps done."""
@@ -80,20 +127,13 @@ class TrainState:
     """World size of the run (the batch order depends on it)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     """Settings a resumed run must share (``config.resume_settings``)."""
-    window_targets: int = 0
-    """Target (summary) tokens (all processes) in the current log window: the token-weighted loss's divisor."""
-    window_tokens: int = 0
-    """Real tokens (all processes) in the current log window."""
-    window_samples: int = 0
-    """Examples (all processes) in the current log window."""
-    total_targets: int = 0
-    """Target (summary) tokens (all processes) since the start of training."""
-    total_tokens: int = 0
-    """Real tokens (all processes) logged since the start of training."""
-    total_samples: int = 0
-    """Examples (all processes) logged since the start of training."""
-    elapsed_s: float = 0.0
-    """Training time before this process started (earlier runs of a resumed training)."""
+    sums: LogSums = field(default_factory=LogSums)
+    """The log's running sums (saved flat, next to the progress)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat JSON object of ``trainer_state.json``: progress and sums side by side."""
+        progress = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sums"}
+        return {**progress, **asdict(self.sums)}
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
@@ -270,17 +310,18 @@ def read_state(checkpoint: Path) -> TrainState:
     """Load ``trainer_state.json`` of a checkpoint (keys this version does not know are ignored)."""
     path = checkpoint / STATE_FILE
     data = read_json_object(path, "checkpoint state")
-    known = {f.name: f for f in fields(TrainState)}
-    values = {k: v for k, v in data.items() if k in known}
+    values = {k: v for k, v in data.items() if k in _STATE_TYPES}
     for name, value in values.items():
         expected = _STATE_TYPES[name]
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
             kinds = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
             raise UserError(f"{path}: {name} is {json.dumps(value)[:60]}, expected {kinds}; the file is not this run's")
-    return TrainState(**values)
+    sums = {f.name: values.pop(f.name) for f in fields(LogSums) if f.name in values}
+    return TrainState(**values, sums=LogSums(**sums))
 
 
-#: The JSON types of each TrainState field (ints also read where floats are expected).
+#: The JSON types of each key of ``trainer_state.json``, TrainState's and LogSums' fields (ints also read where
+#: floats are expected).
 _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "best_metric": (int, float, type(None)),
     "best_step": (int, type(None)),
@@ -472,8 +513,10 @@ def save_checkpoint(
     output_dir: str | Path,
     state: TrainState,
     cfg: Config,
+    *,
     process_state: dict[str, Any] | None = None,
     model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
     rng: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
@@ -482,10 +525,12 @@ def save_checkpoint(
     Every process must call this. ``process_state`` is this process's own loop state (e.g. its running loss
     sums), saved with its RNG states (``rng``, else the current ones: :func:`capture_rng`) and given back by
     :func:`load_process_state`. ``extra_files`` (name -> text) are written by the main process. With ``model``
-    (the prepared model being trained) the checkpoint also holds it in loadable form, with the tokenizer of
-    ``cfg.model`` and the generation config (:func:`dialogsum.modeling.save_model_files`). Raises
+    (the prepared model being trained) the checkpoint also holds it in loadable form, with ``tokenizer`` (the
+    run's, loaded once by the recipe) and the generation config (:func:`dialogsum.modeling.save_model_files`). Raises
     :class:`UserError` when the checkpoint cannot be written; earlier checkpoints are untouched in that case.
     """
+    if model is not None and tokenizer is None:
+        raise ValueError("save_checkpoint: a checkpoint with the model needs its tokenizer")
     install_checkpoint_hooks(accelerator)
     root = Path(output_dir)
     final = root / f"checkpoint-{state.step}"
@@ -497,7 +542,7 @@ def save_checkpoint(
         if model is not None:  # first: accelerate's save hook then leaves out a full model's second copy
             from dialogsum.modeling import save_model_files
 
-            save_model_files(accelerator, model, _tokenizer(cfg), tmp)
+            save_model_files(accelerator, model, tokenizer, tmp)
         accelerator.save_state(str(tmp))
         own = {"rng": rng or capture_rng(), "process": process_state or {}}
         write_bytes(_rng_file(tmp, accelerator.process_index), pickle.dumps(own))
@@ -509,7 +554,7 @@ def save_checkpoint(
                 write_text(tmp / name, text, sync=True)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             # last: its presence, with every file it lists, marks a complete folder
-            write_json(tmp / STATE_FILE, {**asdict(state), FILES_KEY: files}, sync=True)
+            write_json(tmp / STATE_FILE, {**state.to_json(), FILES_KEY: files}, sync=True)
             if final.exists():
                 _remove(final, ".replaced")
             os.replace(tmp, final)
@@ -534,18 +579,6 @@ def save_checkpoint(
         ) from exc
     accelerator.wait_for_everyone()
     return final
-
-
-@functools.lru_cache(maxsize=2)
-def _tokenizer_of(name_or_path: str) -> Any:
-    from dialogsum.modeling import load_tokenizer
-
-    return load_tokenizer(name_or_path)
-
-
-def _tokenizer(cfg: Config) -> Any:
-    """The run's tokenizer (loaded once per process), saved into every checkpoint."""
-    return _tokenizer_of(cfg.model.tokenizer_name or cfg.model.model_name_or_path)
 
 
 def _folder_bytes(folder: Path | None) -> int:
@@ -581,6 +614,98 @@ def remove_leftovers(output_dir: str | Path) -> list[Path]:
         logger.info("removing incomplete checkpoint folder %s (left by an interrupted run)", path)
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
+
+
+def diverged(where: str, step: int, checkpoint_dir: str | Path) -> UserError:
+    """The error for a diverged run, naming the last good checkpoint."""
+    latest = find_latest(checkpoint_dir)
+    kept = (
+        f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
+        if latest
+        else "no checkpoint was saved before this"
+    )
+    return UserError(f"{where} at step {step}: training diverged; lower --learning_rate or check the data; {kept}")
+
+
+class Checkpointer:
+    """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones.
+
+    Checkpoints go to ``--checkpoint_dir`` (default ``--output_dir``). Each also holds the log history up to its
+    step, so a restart that lost the output folder (a SageMaker spot restart) keeps the whole history.
+
+    ``log`` is the loop's :class:`dialogsum.training.LogWindow` (its device sums are reduced and put into
+    ``state.sums`` at each save), ``history`` its :class:`dialogsum.training.History` (``events`` copied into each
+    checkpoint), ``timer`` notes each save's duration, and ``on_saved`` runs on the main process after each save
+    (what else must outlive a kill: the trackers' buffered events, the output folder's manifest).
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        *,
+        cfg: Config,
+        state: TrainState,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        log: Any,
+        history: Any = None,
+        timer: StopRequest | None = None,
+        on_saved: Callable[[], None] | None = None,
+        resumed: bool = False,
+    ) -> None:
+        self.accelerator, self.cfg, self.state, self.log = accelerator, cfg, state, log
+        self.model, self.tokenizer = model, tokenizer  # saved loadable in each checkpoint
+        self.params = [p for p in model.parameters() if p.requires_grad]  # checked finite before each save
+        self.history, self.timer, self.on_saved = history, timer, on_saved
+        self.root = checkpoint_root(cfg)
+        self.last_saved = state.step if resumed else -1  # a resumed run's starting step has its checkpoint
+        if accelerator.is_main_process:
+            remove_leftovers(self.root)  # partial folders of a run killed while saving
+
+    def save(self, rng: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint of the current step (every process calls this) and return its folder.
+
+        ``rng``: this process's RNG states to store instead of the current ones (see
+        :meth:`dialogsum.training.TrainBatches.unwind`).
+        """
+        accelerator, state, log = self.accelerator, self.state, self.log
+        path = self.root / f"checkpoint-{state.step}"
+        if state.step == self.last_saved:  # e.g. a best-metric save and a scheduled save at the same step
+            return path
+        started = time.perf_counter()
+        # the window's losses and the weights themselves must be finite on every process (one all-reduce)
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        samples = torch.tensor(float(log.samples), device=accelerator.device, dtype=torch.float64)
+        sums = torch.stack([log.loss.double(), log.tokens.double(), samples, finite.double()])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        if not math.isfinite(sums[0].item()):
+            raise diverged("loss is not finite (not saving this state)", state.step, self.root)
+        if sums[3].item() < accelerator.num_processes:
+            raise diverged("weights are not finite (not saving this state)", state.step, self.root)
+        own = log.save_to(state.sums, tokens=int(sums[1].item()), samples=int(sums[2].item()))
+        extra = {HISTORY_FILE: jsonl_text(self.history.events)} if self.history is not None else None
+        path = save_checkpoint(
+            accelerator,
+            self.root,
+            state,
+            self.cfg,
+            process_state=own,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            rng=rng,
+            extra_files=extra,
+        )
+        self.last_saved = state.step
+        if accelerator.is_main_process:
+            prune_checkpoints(self.root, self.cfg.train.save_total_limit, state.best_checkpoint)
+            if self.on_saved is not None:
+                self.on_saved()
+        accelerator.wait_for_everyone()
+        if self.timer is not None:
+            self.timer.record("save", time.perf_counter() - started)
+        logger.info("saved checkpoint %s", path)
+        return path
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -15,7 +15,7 @@ so all processes stop at the same step boundary and save a checkpoint of the ste
 
 :func:`train_loop` reads top to bottom; what it needs around the step lives in small objects:
 :class:`TrainBatches` (the windows from where the run stands, exact resume included), :class:`LogWindow`
-(running sums on the device -> one log event) and :class:`Checkpointer` (saves, never a diverged state).
+(running sums on the device -> one log event); saving is :class:`dialogsum.checkpointing.Checkpointer`'s.
 """
 
 from __future__ import annotations
@@ -34,21 +34,21 @@ import torch
 from tqdm.auto import tqdm
 
 from dialogsum.checkpointing import (
+    HISTORY_FILE,
+    Checkpointer,
+    LogSums,
     TrainState,
     capture_rng,
     checkpoint_root,
-    find_latest,
+    diverged,
     load_process_state,
     load_rng,
-    prune_checkpoints,
-    remove_leftovers,
-    save_checkpoint,
 )
 from dialogsum.config import Config, checkpoint_every, idle_settings, warn_once
 from dialogsum.data import LengthGroupedBatchSampler
 from dialogsum.distributed import mark_progress, peak_memory_mb
 from dialogsum.errors import UserError
-from dialogsum.files import json_object_or_none, jsonl_text, parse_jsonl, read_text, write_jsonl, write_text
+from dialogsum.files import json_object_or_none, parse_jsonl, read_text, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
 from dialogsum.run_folder import record_outputs
 from dialogsum.tracking import close_trackers, flush_trackers, resend_lost_events, tracked_values
@@ -57,8 +57,6 @@ logger = logging.getLogger(__name__)
 
 #: Parameters without weight decay (IA3's scales start at one: decay would pull them towards zero).
 NO_DECAY = ("bias", "layer_norm", "layernorm", "ln_", "ia3_l")
-#: The log events of a run, one JSON object per line (output folder; a copy in every checkpoint).
-HISTORY_FILE = "log_history.jsonl"
 
 
 def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None:
@@ -243,12 +241,14 @@ class TrainResult:
 
 def train_loop(
     accelerator: Any,
+    cfg: Config,
+    *,
     model: torch.nn.Module,
+    tokenizer: Any,
     optimizer: Any,
     scheduler: Any,
-    train_loader: Any,
+    loader: Any,
     sampler: LengthGroupedBatchSampler,
-    cfg: Config,
     total_steps: int,
     state: TrainState,
     evaluate: Callable[[int], dict[str, float]] | None = None,
@@ -256,22 +256,34 @@ def train_loop(
 ) -> TrainResult:
     """Run optimizer steps until ``total_steps`` (or early stopping); return loss, timing and counters.
 
-    ``state`` holds the counters to start from (zero, or those of the checkpoint ``resume_from``, whose RNG
-    states and running sums are put back); ``evaluate(step)`` returns eval metrics (``eval_loss``, maybe ROUGE).
-    On a stop signal or near ``--max_time`` it saves a checkpoint at a step boundary and raises
-    :class:`~dialogsum.preemption.TrainingStopped`.
+    ``model``, ``optimizer`` and ``loader`` are prepared by ``accelerator``; ``tokenizer`` is saved into each
+    checkpoint with the model; ``sampler`` is the loader's batch sampler. ``state`` holds the counters to start
+    from (zero, or those of the checkpoint ``resume_from``, whose RNG states and running sums are put back);
+    ``evaluate(step)`` returns eval metrics (``eval_loss``, maybe ROUGE). On a stop signal or near ``--max_time``
+    it saves a checkpoint at a step boundary and raises :class:`~dialogsum.preemption.TrainingStopped`.
     """
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     compute_loss = loss_function(accelerator, model, t.label_smoothing_factor)
-    batches = TrainBatches(accelerator, train_loader, sampler, state, resume_from)
+    batches = TrainBatches(accelerator, loader, sampler, state, resume_from)
     log = LogWindow(accelerator, state, resume_from, checkpoint_root(cfg))
     history = History(accelerator, t.output_dir, keep_from_step=state.step, checkpoint=resume_from)
     resend_lost_events(accelerator, checkpoint_root(cfg), history.events)  # what a killed attempt's W&B lost
     every = checkpoint_every(t.checkpointing_steps)
     max_time = parse_duration(t.max_time) if t.max_time else None
     stop = StopRequest(max_time, estimated_save_s(params), t.eval_steps if evaluate else 0, every)
-    saver = Checkpointer(accelerator, cfg, state, log, params, model, history, stop, resumed=resume_from is not None)
+    saver = Checkpointer(
+        accelerator,
+        cfg=cfg,
+        state=state,
+        model=model,
+        tokenizer=tokenizer,
+        log=log,
+        history=history,
+        timer=stop,
+        on_saved=lambda: _after_save(accelerator),
+        resumed=resume_from is not None,
+    )
     progress = tqdm(
         total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process
     )
@@ -338,6 +350,12 @@ def train_loop(
         stopped_early=stopped_early,
         history=history.events,
     )
+
+
+def _after_save(accelerator: Any) -> None:
+    """Main process, after each checkpoint: what must outlive a kill with it."""
+    flush_trackers(accelerator)  # the events up to this checkpoint
+    record_outputs()  # the output folder's manifest lists this checkpoint (and the trackers' files)
 
 
 def _stop_with_checkpoint(
@@ -535,15 +553,16 @@ class LogWindow:
         saved = load_process_state(resume_from, accelerator.process_index) if resume_from is not None else {}
         device, main = accelerator.device, accelerator.is_main_process
         self.loss = torch.tensor(saved.get("window_loss", 0.0), device=device, dtype=torch.float32)
-        self.targets = torch.tensor(state.window_targets, device=device, dtype=torch.long)  # all processes
-        self.tokens = torch.tensor(state.window_tokens if main else 0, device=device, dtype=torch.long)
-        self.samples = state.window_samples if main else 0
+        sums = state.sums
+        self.targets = torch.tensor(sums.window_targets, device=device, dtype=torch.long)  # all processes
+        self.tokens = torch.tensor(sums.window_tokens if main else 0, device=device, dtype=torch.long)
+        self.samples = sums.window_samples if main else 0
         self.total_loss = torch.tensor(saved.get("total_loss", 0.0), device=device, dtype=torch.float64)
-        self.total_targets = torch.tensor(state.total_targets, device=device, dtype=torch.long)
-        self.total_tokens, self.total_samples = state.total_tokens, state.total_samples
+        self.total_targets = torch.tensor(sums.total_targets, device=device, dtype=torch.long)
+        self.total_tokens, self.total_samples = sums.total_tokens, sums.total_samples
         self.grad_norm: Any = None
         self.started = self.window_started = time.perf_counter()
-        self.elapsed_before = state.elapsed_s
+        self.elapsed_before = sums.elapsed_s
 
     def add(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor, samples: int) -> None:
         """Count one micro-batch of this process: the sum of its per-token losses, its real tokens and examples."""
@@ -590,13 +609,13 @@ class LogWindow:
             "peak_memory_mb": round(peak_memory_mb(self.accelerator.device), 1),
         }
 
-    def save_to(self, state: TrainState, tokens: int, samples: int) -> dict[str, float]:
-        """Put the sums into ``state`` (``tokens``/``samples``: the window's counts over all processes); return
+    def save_to(self, sums: LogSums, tokens: int, samples: int) -> dict[str, float]:
+        """Put the sums into ``sums`` (``tokens``/``samples``: the window's counts over all processes); return
         this process's own loss sums, saved with its RNG states."""
-        state.window_targets, state.total_targets = int(self.targets.item()), int(self.total_targets.item())
-        state.window_tokens, state.window_samples = tokens, samples
-        state.total_tokens, state.total_samples = self.total_tokens, self.total_samples
-        state.elapsed_s = self.elapsed_s()
+        sums.window_targets, sums.total_targets = int(self.targets.item()), int(self.total_targets.item())
+        sums.window_tokens, sums.window_samples = tokens, samples
+        sums.total_tokens, sums.total_samples = self.total_tokens, self.total_samples
+        sums.elapsed_s = self.elapsed_s()
         return {"window_loss": self.loss.item(), "total_loss": self.total_loss.item()}
 
     def elapsed_s(self) -> float:
@@ -607,80 +626,6 @@ class LogWindow:
         """Token-weighted mean loss of the whole training, over all processes (a collective)."""
         total = _sum_over_processes(self.accelerator, self.total_loss)
         return float(total / max(int(self.total_targets.item()), 1))
-
-
-def diverged(where: str, step: int, checkpoint_dir: str | Path) -> UserError:
-    """The error for a diverged run, naming the last good checkpoint."""
-    latest = find_latest(checkpoint_dir)
-    kept = (
-        f"the last good checkpoint {latest} is intact (resume from it with a lower --learning_rate)"
-        if latest
-        else "no checkpoint was saved before this"
-    )
-    return UserError(f"{where} at step {step}: training diverged; lower --learning_rate or check the data; {kept}")
-
-
-class Checkpointer:
-    """Saves the training state when asked (at most once per step), never a diverged one, and prunes old ones.
-
-    Checkpoints go to ``--checkpoint_dir`` (default ``--output_dir``). Each also holds the log history up to its
-    step, so a restart that lost the output folder (a SageMaker spot restart) keeps the whole history.
-    """
-
-    def __init__(
-        self,
-        accelerator: Any,
-        cfg: Config,
-        state: TrainState,
-        log: LogWindow,
-        params: list[torch.nn.Parameter],
-        model: torch.nn.Module | None = None,
-        history: History | None = None,
-        timer: StopRequest | None = None,
-        resumed: bool = False,
-    ) -> None:
-        self.accelerator, self.cfg, self.state, self.log, self.params = accelerator, cfg, state, log, params
-        self.model = model  # saved loadable in each checkpoint
-        self.history, self.timer = history, timer  # the log copied into checkpoints; the save durations noted
-        self.root = checkpoint_root(cfg)
-        self.last_saved = state.step if resumed else -1  # a resumed run's starting step has its checkpoint
-        if accelerator.is_main_process:
-            remove_leftovers(self.root)  # partial folders of a run killed while saving
-
-    def save(self, rng: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint of the current step (every process calls this) and return its folder.
-
-        ``rng``: this process's RNG states to store instead of the current ones (see :meth:`TrainBatches.unwind`).
-        """
-        accelerator, state, log, t = self.accelerator, self.state, self.log, self.cfg.train
-        path = self.root / f"checkpoint-{state.step}"
-        if state.step == self.last_saved:  # e.g. a best-metric save and a scheduled save at the same step
-            return path
-        started = time.perf_counter()
-        # the window's losses and the weights themselves must be finite on every process (one all-reduce)
-        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-        samples = torch.tensor(float(log.samples), device=accelerator.device, dtype=torch.float64)
-        sums = torch.stack([log.loss.double(), log.tokens.double(), samples, finite.double()])
-        sums = _sum_over_processes(accelerator, sums)
-        if not math.isfinite(sums[0].item()):
-            raise diverged("loss is not finite (not saving this state)", state.step, self.root)
-        if sums[3].item() < accelerator.num_processes:
-            raise diverged("weights are not finite (not saving this state)", state.step, self.root)
-        own = log.save_to(state, tokens=int(sums[1].item()), samples=int(sums[2].item()))
-        extra = {HISTORY_FILE: jsonl_text(self.history.events)} if self.history is not None else None
-        path = save_checkpoint(
-            accelerator, self.root, state, self.cfg, process_state=own, model=self.model, rng=rng, extra_files=extra
-        )
-        self.last_saved = state.step
-        if accelerator.is_main_process:
-            prune_checkpoints(self.root, t.save_total_limit, state.best_checkpoint)
-            flush_trackers(accelerator)  # the events up to this checkpoint outlive a kill
-            record_outputs()  # the output folder's manifest lists this checkpoint (and the trackers' files)
-        accelerator.wait_for_everyone()
-        if self.timer is not None:
-            self.timer.record("save", time.perf_counter() - started)
-        logger.info("saved checkpoint %s", path)
-        return path
 
 
 class History:

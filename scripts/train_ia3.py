@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tracking.start_tracking(accelerator, cfg, run_config, resumed_at=state.step)  # a restart: the same run
             evaluate = steps.build_validation(accelerator, model, tokenizer, val_loader, splits, cfg)
             result = training.train_loop(
-                accelerator, model, optimizer, scheduler, loader, sampler, cfg, total_steps, state, evaluate, run.resume
+                accelerator, cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                loader=loader, sampler=sampler, total_steps=total_steps, state=state, evaluate=evaluate,
+                resume_from=run.resume,
             )
             checkpointing.load_best_model(accelerator, cfg, result.state)  # --load_best_model_at_end
             size_mb = modeling.save_model(accelerator, model, tokenizer, run.out)  # the adapter + tokenizer only

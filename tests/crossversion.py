@@ -89,7 +89,7 @@ def build_folders(root: Path, tokenizer_dir: str) -> None:
                 p.add_(torch.randn_like(p) * 0.01)  # "trained": differs from the base everywhere
         save_model_files(accelerator, full, tokenizer, "full")
         cfg = build_config("full", {"model_name_or_path": "base", "output_dir": "checkpoint"})
-        save_checkpoint(accelerator, Path("checkpoint"), TrainState(step=1), cfg, model=full)
+        save_checkpoint(accelerator, Path("checkpoint"), TrainState(step=1), cfg, model=full, tokenizer=tokenizer)
         lora = apply_lora(load_model("base"), LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=["q", "v"]))
         with torch.no_grad():
             for name, p in lora.named_parameters():

@@ -74,13 +74,13 @@ def _batches(spec: dict[str, Any], case: Case, count: int) -> _Batches:
 
 
 def _timed_steps(run_steps: Any, device: torch.device, warmup: int, count: int) -> dict[str, Any]:
-    """``run_steps(total_steps)`` (``train_loop``) to ``warmup``, then timed to ``count``; the time torch spends
+    """``run_steps(total_steps=n)`` (``train_loop``) to ``warmup``, then timed to ``count``; the time torch spends
     compiling a shape first seen in the measured steps is taken out of their seconds."""
     losses: list[float] = []
     compile_before, warmup_s = compile_seconds(), 0.0
     if warmup:
         start = time.perf_counter()
-        first = run_steps(warmup)
+        first = run_steps(total_steps=warmup)
         sync(device)
         warmup_s = time.perf_counter() - start
         losses += [e["loss"] for e in first.history if "loss" in e]
@@ -88,7 +88,7 @@ def _timed_steps(run_steps: Any, device: torch.device, warmup: int, count: int) 
     graphs_before = compiled_graphs()
     sync(device)
     start = time.perf_counter()
-    result = run_steps(count)
+    result = run_steps(total_steps=count)
     sync(device)
     seconds = time.perf_counter() - start
     compile_measured = compile_seconds() - compile_before - compile_warmup
@@ -146,7 +146,18 @@ def run_ours(spec: dict[str, Any], case: Case, work: Path) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg, count)
     state = TrainState(num_processes=accelerator.num_processes)
     peak_before = matmul_peak(accelerator.device, accelerator.mixed_precision)
-    run_steps = partial(train_loop, accelerator, model, optimizer, scheduler, loader, batches.sampler, cfg, state=state)
+    run_steps = partial(
+        train_loop,
+        accelerator,
+        cfg,
+        model=model,
+        tokenizer=None,  # no --checkpointing_steps: the case saves no checkpoint
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        sampler=batches.sampler,
+        state=state,
+    )
     timed = _timed_steps(run_steps, accelerator.device, warmup, count)
     peak_after = matmul_peak(accelerator.device, accelerator.mixed_precision)
     out = {
