@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from dialogsum.checkpointing import (
     STATE_FILE,
     TRAINABLE_ONLY_FILE,
+    LogSums,
     TrainState,
     check_compatible,
     checkpoint_dirs,
@@ -113,6 +114,22 @@ def test_state_file_from_a_newer_version_still_reads(tmp_path: Path) -> None:
     (folder / STATE_FILE).write_text(json.dumps({"step": 7, "epoch": 1, "something_new": True}))
     state = read_state(folder)
     assert (state.step, state.epoch) == (7, 1)
+
+
+def test_state_file_keeps_its_flat_keys_and_reads_back_progress_and_sums(tmp_path: Path) -> None:
+    """trainer_state.json is one flat object, as before progress and log sums were split: old checkpoints resume."""
+    sums = LogSums(window_targets=5, window_tokens=9, window_samples=2, total_targets=50, total_tokens=90,
+                   total_samples=20, elapsed_s=1.5)  # fmt: skip
+    state = TrainState(step=4, epoch=1, batches_in_epoch=6, best_metric=0.5, best_step=2, sums=sums)
+    flat = state.to_json()
+    assert list(flat) == [
+        "step", "epoch", "batches_in_epoch", "best_metric", "best_step", "best_checkpoint",
+        "evals_without_improvement", "num_processes", "fingerprint", "window_targets", "window_tokens",
+        "window_samples", "total_targets", "total_tokens", "total_samples", "elapsed_s",
+    ]  # fmt: skip
+    folder = _fake_checkpoint(tmp_path, "checkpoint-4")
+    (folder / STATE_FILE).write_text(json.dumps(flat))
+    assert read_state(folder) == state
 
 
 @pytest.mark.parametrize(
