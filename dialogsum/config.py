@@ -566,6 +566,30 @@ def build_parser(
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):
+        """HfArgumentParser that keeps the actions of the flags it adds (argparse lists them only in a private
+        attribute), including those added to the sections' argument groups."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.flag_actions: list[argparse.Action] = []
+            super().__init__(*args, **kwargs)
+
+        def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+            action = super().add_argument(*args, **kwargs)
+            self.flag_actions.append(action)
+            return action
+
+        def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+            group = super().add_argument_group(*args, **kwargs)
+            add, actions = group.add_argument, self.flag_actions
+
+            def add_and_keep(*a: Any, **kw: Any) -> argparse.Action:
+                action = add(*a, **kw)
+                actions.append(action)
+                return action
+
+            group.add_argument = add_and_keep
+            return group
+
         def error(self, message: str) -> NoReturn:  # type: ignore[override]
             choice = re.fullmatch(r"argument (--\w+)(?:/--[\w-]+)?: invalid choice: (.*) \(choose from (.*)\)", message)
             if choice:  # said as validate() says it for YAML files and build_config
@@ -583,17 +607,22 @@ def build_parser(
     return parser
 
 
+def flag_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The actions of every flag of a parser made by :func:`build_parser` (``--help`` included)."""
+    return parser.flag_actions  # type: ignore[attr-defined]
+
+
 _NOT_GIVEN = object()
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
     """The flags present on the command line, parsed (defaults left out, so that other layers can fill them)."""
     namespace = argparse.Namespace(
-        **{a.dest: _NOT_GIVEN for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
+        **{a.dest: _NOT_GIVEN for a in flag_actions(parser) if a.dest not in (argparse.SUPPRESS, "help")}
     )
     parser.parse_args(list(argv) if argv is not None else None, namespace=namespace)
     given = {k: v for k, v in vars(namespace).items() if v is not _NOT_GIVEN}
-    for action in parser._actions:
+    for action in flag_actions(parser):
         if action.nargs in ("+", "*") and isinstance(given.get(action.dest), list):
             given[action.dest] = _expand_list_literal(action, given[action.dest])
     return given
@@ -701,7 +730,7 @@ def file_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     naming the file and the key. ``method`` is passed through for the caller to check.
     """
     data = _read_yaml(path)
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.option_strings[0] == f"--{a.dest}"}
+    actions = {a.dest: a for a in flag_actions(parser) if a.option_strings and a.option_strings[0] == f"--{a.dest}"}
     unknown = sorted(k for k in data if k not in actions and k != "method")
     if unknown:
         names = ", ".join(k if k.isprintable() else repr(k) for k in unknown)  # a key with a newline stays one line
