@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from dialogsum.errors import ConfigError, UserError
-from dialogsum.formatting import shorten
+from dialogsum.formatting import printable, shorten
 from dialogsum.preemption import TrainingStopped
 from dialogsum.process import is_main_launch_process, launch_rank
 
@@ -34,7 +34,7 @@ class FlagParser(argparse.ArgumentParser):
     instead of the usage text and a ``prog: error:`` line."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see --help)")
+        raise ConfigError(f"{printable(message)} (see --help)")
 
 
 def setup_logging() -> None:

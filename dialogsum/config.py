@@ -29,7 +29,7 @@ import yaml
 from dialogsum.command import SECRET_FIELDS, command_line
 from dialogsum.errors import ConfigError, UserError
 from dialogsum.files import name_length_problem, read_text, write_text
-from dialogsum.formatting import shorten
+from dialogsum.formatting import printable, shorten
 from dialogsum.preemption import EXIT_STOPPED, parse_duration
 from dialogsum.process import is_main_launch_process
 from dialogsum.sagemaker import check_sagemaker_channels, sagemaker_defaults
@@ -591,12 +591,18 @@ def build_parser(
             return group
 
         def error(self, message: str) -> NoReturn:  # type: ignore[override]
-            choice = re.fullmatch(r"argument (--\w+)(?:/--[\w-]+)?: invalid choice: (.*) \(choose from (.*)\)", message)
-            if choice:  # said as validate() says it for YAML files and build_config
-                flag, value, options = choice.groups()
-                raise _choice_error(flag, ast.literal_eval(value), [o.strip().strip("'") for o in options.split(",")])
-            # an HF example flag this project renamed: say its name here
-            raise ConfigError(f"{message}{renamed_flag_hint(message.replace(':', ' ').split())} (see --help)")
+            choice = re.match(r"argument (--\w+)(?:/--[\w-]+)?: invalid choice: ", message)
+            action = choice and next((a for a in self.flag_actions if choice.group(1) in a.option_strings), None)
+            if choice and action is not None and action.choices:  # said as validate() says it for YAML files
+                value: Any = message[choice.end() :].rsplit(" (choose from", 1)[0]
+                try:
+                    value = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    pass
+                raise _choice_error(choice.group(1), value, list(action.choices))
+            # an HF example flag this project renamed: say its name here; a typed newline stays visible, one line
+            hint = renamed_flag_hint(message.replace(":", " ").split())
+            raise ConfigError(f"{printable(message)}{hint} (see --help)")
 
     selected = flags if flags is not None else dict.fromkeys(SECTIONS.values())
     classes = [_flag_class(name, cls, selected[cls]) for name, cls in SECTIONS.items() if cls in selected]

@@ -81,6 +81,12 @@ def plain(value: Any) -> str:
     return str(value)
 
 
+def printable(text: Any) -> str:
+    """``text`` with each character that does not print (a newline, a tab, a control character) written as its
+    escape, so that a message naming a user's value stays one line and shows what was typed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def one_line(text: Any) -> str:
     """``text`` with every run of white space (newlines included) folded into one space."""
     return " ".join(str(text).split())
