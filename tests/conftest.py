@@ -14,6 +14,15 @@ import pytest
 import torch
 from helpers import DIALOGSUM_DEV, FLAN_T5_BASE_DIR, REPO, SHARED, accelerate_launch, run_script, subprocess_env
 
+
+@pytest.fixture(autouse=True)
+def _denormals_restored() -> object:
+    """A test that builds the Accelerator in this process leaves denormals flushed to zero (the project's CPU
+    runtime setting, for the training process it is): every later test would then run in a process with
+    non-IEEE floats (hypothesis refuses to generate floats there). Put the default back after each test."""
+    yield
+    torch.set_flush_denormal(False)
+
 __all__ = ["REPO", "SHARED", "accelerate_launch", "run_script", "subprocess_env"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
