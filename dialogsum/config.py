@@ -781,7 +781,9 @@ def parse_config(argv: Sequence[str] | None, method: str, description: str = "")
             f"--quickstart trains its own tiny model on synthetic dialogues: {', '.join(replaced)} "
             f"{'is' if len(replaced) == 1 else 'are'} ignored (leave out --quickstart to use them)"
         )
-    check_sagemaker_channels(cfg)
+    d = cfg.data
+    files = {"train": d.train_file, "validation": d.validation_file, "test": d.test_file}
+    check_sagemaker_channels(cfg.train.do_eval and cfg.train.eval_split == "test", files)
     cfg.command = command_line(argv, f"scripts/train_{method}.py")
     cfg.config_file = config_path
     return cfg

@@ -6,13 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dialogsum.errors import ConfigError
 from dialogsum.files import SUPPORTED_EXTENSIONS, table_format
-
-if TYPE_CHECKING:
-    from dialogsum.config import Config
 
 #: Where SageMaker keeps checkpoints: synced to the estimator's ``checkpoint_s3_uri`` while the job runs and
 #: restored from it when a spot job restarts (its ``checkpoint_local_path`` default).
@@ -40,15 +37,16 @@ def sagemaker_defaults(given: Collection[str] = ()) -> dict[str, Any]:
     return defaults
 
 
-def check_sagemaker_channels(cfg: Config) -> None:
+def check_sagemaker_channels(evaluates_test: bool, data_files: dict[str, str | None]) -> None:
     """On SageMaker, evaluating on the test split needs a ``test`` channel when the data come from channels.
 
-    Without one, the default ``--eval_split test`` would have nothing to read; say which hyperparameter fixes it.
+    ``evaluates_test``: the run evaluates on ``--eval_split test``; ``data_files``: its ``train``, ``validation``
+    and ``test`` files. Without a test file, the default ``--eval_split test`` would have nothing to read; say
+    which hyperparameter fixes it.
     """
-    d, t = cfg.data, cfg.train
-    if not on_sagemaker() or not t.do_eval or t.eval_split != "test" or d.test_file:
+    if not on_sagemaker() or not evaluates_test or data_files.get("test"):
         return
-    if not (d.train_file or d.validation_file):
+    if not (data_files.get("train") or data_files.get("validation")):
         return  # --dataset_name: its test split
     channels = [c.lower() for c in ("TRAIN", "VALIDATION", "TEST") if os.environ.get(f"SM_CHANNEL_{c}")]
     raise ConfigError(
