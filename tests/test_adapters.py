@@ -207,38 +207,92 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def test_pissa_run_resumes_exactly_and_reloads_on_the_original_base(
-    tmp_path: Path, quickstart_assets: tuple[Path, Path], fresh_accelerate_state, one_thread
-) -> None:
-    """A real train_lora.py run (in-process) with PiSSA (fast SVD: random, seeded): resumed from its checkpoint-3
-    it ends bit for bit where it did; its saved adapter on the original base model (evaluate.py) generates exactly
-    the run's predictions (the merged export: test_variant_counts_like_peft_saves_and_merges_into_the_trained_model)."""
-    from helpers import script_main
+#: variant -> (training script, flags): each trains, resumes bit for bit and reloads (PiSSA's test below also
+#: reloads its converted adapter on the original base; the merged export of each: the test above)
+RESUMED_VARIANTS = {
+    "pissa_niter_2": ("lora", ["--lora_target_modules", "q", "k", "v", "o", "--init_lora_weights", "pissa_niter_2"]),
+    "gaussian": ("lora", ["--init_lora_weights", "gaussian"]),
+    "olora+rslora": ("lora", ["--init_lora_weights", "olora", "--use_rslora"]),
+    "orthogonal": ("lora", ["--init_lora_weights", "orthogonal"]),
+    "all-linear+loraplus": ("lora", ["--lora_target_modules", "all-linear", "--loraplus_lr_ratio", "4"]),
+    "ia3": ("ia3", []),
+}
 
-    model_dir, data_dir = quickstart_assets
-    common = [
+
+def _common_flags(model_dir: Path, data_dir: Path) -> list[str]:
+    return [
         "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.jsonl"),
         "--test_file", str(data_dir / "test.jsonl"), "--max_train_samples", "48", "--max_test_samples", "12",
         "--per_device_train_batch_size", "8", "--max_train_steps", "6", "--checkpointing_steps", "3",
         "--learning_rate", "1e-2", "--max_source_length", "96", "--max_target_length", "32", "--max_new_tokens", "24",
-        "--lora_r", "4", "--lora_target_modules", "q", "k", "v", "o", "--init_lora_weights", "pissa_niter_2",
         "--report_to", "none",
     ]  # fmt: skip
-    train = script_main("train_lora")
-    run = tmp_path / "run"
+
+
+def _train_and_resume(variant: str, assets: tuple[Path, Path], root: Path) -> tuple[dict, Path, Path]:
+    """A real train_<method>.py run (in-process) of ``variant``, and its resume from checkpoint-3 into a new output
+    folder. Returns (the run's metrics, its folder, the resumed run's folder)."""
+    from helpers import script_main
+
+    method, flags = RESUMED_VARIANTS[variant]
+    common = [*_common_flags(*assets), *(["--lora_r", "4"] if method == "lora" else []), *flags]
+    train = script_main(f"train_{method}")
+    run, resumed = root / "run", root / "resumed"
     metrics = train([*common, "--output_dir", str(run)])
-    assert metrics["method_detail"] == "LoRA r=4 alpha=32 q,k,v,o init=pissa_niter_2"
-    for folder in (run, run / "checkpoint-3"):  # every loadable adapter folder: plain LoRA against the base
-        config = json.loads((folder / "adapter_config.json").read_text())
-        assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 64, True)
-
     _reset_accelerate()
-    resumed = tmp_path / "resumed"  # a new output folder, resumed from the run's checkpoint-3
-    checkpoint = str(run / "checkpoint-3")
-    train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint, "--do_eval", "false"])
-    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(run / "checkpoint-3"),
+           "--do_eval", "false"])  # fmt: skip
+    _reset_accelerate()
+    return metrics, run, resumed
 
+
+@pytest.mark.parametrize("variant", list(RESUMED_VARIANTS))
+def test_variant_trains_resumes_exactly_and_is_described(
+    variant: str, tmp_path: Path, quickstart_assets: tuple[Path, Path], fresh_accelerate_state, one_thread
+) -> None:
+    """Resumed from checkpoint-3 of a 6-step run, every variant ends bit for bit where the run did; its saved
+    adapter is non-empty, counts what peft counts, and the run's metrics name the variant (the comparison's
+    "method" column)."""
+    metrics, run, resumed = _train_and_resume(variant, quickstart_assets, tmp_path)
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, resumed))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), variant
+    assert all(t.numel() > 0 for t in a.values())
+    # it resumed at step 3 (no checkpoint-3 of its own) and trained on from there
+    assert not (resumed / "checkpoint-3").exists() and (resumed / "checkpoint-6").is_dir()
+    at_3 = load_file(str(run / "checkpoint-3" / "adapter_model.safetensors"))
+    assert any(not torch.equal(at_3[k], a[k]) for k in a)
+    state = json.loads((resumed / "metrics.json").read_text())
+    assert state["train_steps"] == 6 and state["train_loss"] == metrics["train_loss"]
+    expected = {
+        "pissa_niter_2": "LoRA r=4 alpha=32 q,k,v,o init=pissa_niter_2",
+        "gaussian": "LoRA r=4 alpha=32 q,v init=gaussian",
+        "olora+rslora": "LoRA r=4 alpha=32 q,v rsLoRA init=olora",
+        "orthogonal": "LoRA r=4 alpha=32 q,v init=orthogonal",
+        "all-linear+loraplus": "LoRA r=4 alpha=32 all-linear LoRA+x4",
+        "ia3": "IA3 k,v,wo (feed-forward wo)",
+    }[variant]
+    assert metrics["method_detail"] == expected
+    converted = variant in ("pissa_niter_2", "olora+rslora")  # saved as plain rank-2r LoRA against the base
+    assert sum(t.numel() for t in a.values()) == metrics["trainable_params"] * (2 if converted else 1)
+    if converted:
+        for folder in (run, run / "checkpoint-3"):  # every loadable adapter folder
+            config = json.loads((folder / "adapter_config.json").read_text())
+            assert (config["r"], config["init_lora_weights"]) == (8, True)
+            assert config["lora_alpha"] == pytest.approx(32 * 2**0.5 if "rslora" in variant else 64)
+
+
+def test_pissa_adapter_reloads_on_the_original_base_with_the_run_predictions(
+    tmp_path: Path, quickstart_assets: tuple[Path, Path], fresh_accelerate_state, one_thread
+) -> None:
+    """PiSSA changes the base weights at creation; the saved adapter is plain LoRA against the original base
+    model, so evaluate.py with the untouched base generates exactly the run's predictions."""
+    from helpers import script_main
+
+    model_dir, data_dir = quickstart_assets
+    method, flags = RESUMED_VARIANTS["pissa_niter_2"]
+    run = tmp_path / "run"
+    script_main("train_lora")([*_common_flags(model_dir, data_dir), "--lora_r", "4", *flags, "--output_dir", str(run),
+                               "--max_train_steps", "3"])  # fmt: skip
     predictions = [json.loads(x)["prediction"] for x in (run / "predictions.jsonl").read_text().splitlines()]
     _reset_accelerate()
     script_main("evaluate")(
