@@ -246,14 +246,34 @@ def _train_and_resume(variant: str, assets: tuple[Path, Path], root: Path) -> tu
     return metrics, run, resumed
 
 
+@pytest.fixture(scope="module")
+def variant_runs(
+    tmp_path_factory: pytest.TempPathFactory, quickstart_assets: tuple[Path, Path]
+) -> dict[str, tuple[dict, Path, Path]]:
+    """Every variant of :data:`RESUMED_VARIANTS` trained and resumed (one thread, accelerate state reset around)."""
+    root = tmp_path_factory.mktemp("variants")
+    threads = torch.get_num_threads()
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # also tells build_accelerator the count was chosen
+        torch.set_num_threads(1)
+        try:
+            _reset_accelerate()
+            for variant in RESUMED_VARIANTS:
+                runs[variant] = _train_and_resume(variant, quickstart_assets, root / variant)
+        finally:
+            torch.set_num_threads(threads)
+    return runs
+
+
 @pytest.mark.parametrize("variant", list(RESUMED_VARIANTS))
 def test_variant_trains_resumes_exactly_and_is_described(
-    variant: str, tmp_path: Path, quickstart_assets: tuple[Path, Path], fresh_accelerate_state, one_thread
+    variant: str, variant_runs: dict[str, tuple[dict, Path, Path]]
 ) -> None:
     """Resumed from checkpoint-3 of a 6-step run, every variant ends bit for bit where the run did; its saved
     adapter is non-empty, counts what peft counts, and the run's metrics name the variant (the comparison's
     "method" column)."""
-    metrics, run, resumed = _train_and_resume(variant, quickstart_assets, tmp_path)
+    metrics, run, resumed = variant_runs[variant]
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, resumed))
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), variant
     assert all(t.numel() > 0 for t in a.values())
@@ -279,6 +299,19 @@ def test_variant_trains_resumes_exactly_and_is_described(
             config = json.loads((folder / "adapter_config.json").read_text())
             assert (config["r"], config["init_lora_weights"]) == (8, True)
             assert config["lora_alpha"] == pytest.approx(32 * 2**0.5 if "rslora" in variant else 64)
+
+
+def test_every_variant_is_a_row_of_the_comparison(variant_runs: dict[str, tuple[dict, Path, Path]], tmp_path: Path):
+    """compare.py over the variants' runs: one row each, named by its method, with its trainable parameters."""
+    from helpers import script_main
+
+    runs = [f"{variant}={folder}" for variant, (_, folder, _) in variant_runs.items()]
+    script_main("compare")([*(a for run in runs for a in ("--run", run)), "--output_dir", str(tmp_path),
+                            "--n_resamples", "10"])  # fmt: skip
+    table = (tmp_path / "comparison.md").read_text()
+    for variant, (metrics, _, _) in variant_runs.items():
+        assert f"| {variant} | {metrics['method_detail']} |" in table
+        assert f"{metrics['trainable_params']:,}" in table
 
 
 def test_pissa_adapter_reloads_on_the_original_base_with_the_run_predictions(

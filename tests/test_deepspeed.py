@@ -9,6 +9,7 @@ TORCH_EXTENSIONS_DIR).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ from test_distributed import (  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+#: PiSSA on every linear layer with rsLoRA (its test: assert_converted_adapter_reproduces_the_run)
+PISSA = ["--init_lora_weights", "pissa_niter_2", "--use_rslora", "--lora_target_modules", "all-linear", "--lora_r", "4"]
+
 CASES = [
     # (config, method, extra launch args, extra training args)
     # The issue's command as is: the config's bf16, LoRA.
@@ -34,6 +38,9 @@ CASES = [
     ("deepspeed_zero3.yaml", "full", ["--mixed_precision", "no"], []),
     # ZeRO-3 LoRA as DoRA (magnitudes from whole weights at creation, sharded after) with LoRA+ optimizer groups
     ("deepspeed_zero3.yaml", "lora", [], ["--gradient_checkpointing", "--use_dora", "--loraplus_lr_ratio", "4"]),
+    # PiSSA (base weights rewritten at creation) on every linear layer, rsLoRA: saved converted from the gathered state
+    ("deepspeed_zero3.yaml", "lora", ["--mixed_precision", "no"], PISSA),
+    ("deepspeed_zero3.yaml", "ia3", ["--mixed_precision", "no"], []),
 ]
 
 
@@ -54,10 +61,47 @@ def assert_saved_is_the_fp32_master(out: Path, method: str, trained: dict[str, t
     assert finer > 0, "no value finer than bf16: the 16-bit copy was saved"
 
 
+def assert_converted_adapter_reproduces_the_run(out: Path, trained: dict[str, torch.Tensor], r: int, tmp_path: Path):
+    """A PiSSA adapter trained under ZeRO-3 is saved as plain rank-2r LoRA against the original base: its first r
+    rows of A (columns of B) are the trained ones, and evaluate.py on the untouched base model generates exactly the
+    run's predictions."""
+    import yaml
+    from helpers import REPO, run_script
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(trained) and json.loads((out / "adapter_config.json").read_text())["r"] == 2 * r
+    for name, value in trained.items():
+        assert saved[name].shape[0 if "lora_A" in name else 1] == 2 * r
+        torch.testing.assert_close(saved[name][:r] if "lora_A" in name else saved[name][:, :r], value, rtol=0, atol=0)
+    settings = yaml.safe_load((out / "config.yaml").read_text())
+    base, test_file = settings["model_name_or_path"], settings["test_file"]
+    evaluation = tmp_path / "evaluation"
+    proc = run_script(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model_name_or_path", base, "--adapter_path",
+         str(out), "--test_file", test_file, "--max_test_samples", "7", "--output_dir", str(evaluation),
+         "--max_source_length", str(settings["max_source_length"]), "--max_new_tokens", str(settings["max_new_tokens"]),
+         "--report_to", "none"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def predictions(folder: Path) -> list[str]:
+        return [json.loads(x)["prediction"] for x in (folder / "predictions.jsonl").read_text().splitlines()]
+
+    assert predictions(evaluation) == predictions(out)
+
+
 @pytest.mark.parametrize(
     ("config", "method", "launch_args", "train_args"),
     CASES,
-    ids=["zero2-lora-bf16", "zero2-full-bf16", "zero3-full", "zero3-dora-loraplus-gradient-checkpointing-bf16"],
+    ids=[
+        "zero2-lora-bf16",
+        "zero2-full-bf16",
+        "zero3-full",
+        "zero3-dora-loraplus-gradient-checkpointing-bf16",
+        "zero3-pissa-rslora-all-linear",
+        "zero3-ia3",
+    ],
 )
 def test_deepspeed_training(
     config: str, method: str, launch_args: list[str], train_args: list[str], tmp_path: Path
@@ -80,7 +124,9 @@ def test_deepspeed_training(
     assert metrics["num_eval_examples"] == 7 and len(predictions) == 7
     assert_ranks_identical(ranks, world=2)
     bf16 = "--mixed_precision" not in launch_args  # the configs' own precision
-    if not bf16:
+    if train_args == PISSA:
+        assert_converted_adapter_reproduces_the_run(out, ranks[0], r=4, tmp_path=tmp_path)
+    elif not bf16:
         assert_saved_equals_trained(out, method, ranks[0])
     else:
         assert_saved_is_the_fp32_master(out, method, ranks[0])

@@ -50,7 +50,7 @@ finish(accelerator)
 #: The real training script (scripts/train_{full,lora}.py's main), with modeling.save_model wrapped so that each
 #: rank first records the trained parameters it holds (gathered under ZeRO-3) in $RANK_DIR/rank<i>.safetensors.
 RECORDING_TRAINER = """
-import contextlib, os, runpy, sys
+import contextlib, os, re, runpy, sys
 from safetensors.torch import save_file
 import dialogsum.modeling as modeling
 from dialogsum.cli import run_cli
@@ -66,8 +66,10 @@ def recording_save_model(accelerator, model, tokenizer, output_dir):
         import deepspeed
         gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
     with gather:
-        # named as peft saves them (DoRA's "lora_magnitude_vector.default.weight" as "lora_magnitude_vector")
-        names = [n.replace(".default.", ".").replace("magnitude_vector.weight", "magnitude_vector") for n, _ in params]
+        # named as peft saves them (DoRA's "lora_magnitude_vector.default.weight" as "lora_magnitude_vector", IA3's
+        # "ia3_l.default" as "ia3_l")
+        names = [re.sub(r"\\.default(\\.|$)", r"\\1", n).replace("magnitude_vector.weight", "magnitude_vector")
+                 for n, _ in params]
         tensors = {n: p.detach().cpu().float().clone().contiguous() for n, (_, p) in zip(names, params)}
     save_file(tensors, os.path.join(os.environ["RANK_DIR"], f"rank{accelerator.process_index}.safetensors"))
     return real_save_model(accelerator, model, tokenizer, output_dir)
@@ -294,14 +296,17 @@ def test_two_process_training(two_process_run) -> None:
 
 
 def assert_saved_equals_trained(out: Path, method: str, trained: dict[str, torch.Tensor]) -> None:
-    """The saved weights are non-empty and are the trained ones (adapter: every LoRA tensor)."""
-    weights = out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")
+    """The saved weights are non-empty and are the trained ones (adapter: every LoRA or IA3 tensor)."""
+    weights = out / ("model.safetensors" if method == "full" else "adapter_model.safetensors")
     saved = load_file(str(weights))
     assert saved and all(t.numel() > 0 for t in saved.values()), "empty tensors saved (ZeRO-3 gather missing?)"
     common = [name for name in trained if name in saved]
-    if method == "lora":
+    if method != "full":
         assert sorted(common) == sorted(saved), "every saved adapter tensor is a trained one"
+    if method == "lora":
         assert any(float(saved[n].abs().max()) > 0 for n in saved if "lora_B" in n), "lora_B still at its zero init"
+    if method == "ia3":
+        assert any(not torch.equal(t, torch.ones_like(t)) for t in saved.values()), "IA3 vectors still at their ones"
     else:
         assert len(common) >= len(trained) - 1, "all trained parameters saved (tied embeddings count once)"
     for name in common:
