@@ -11,8 +11,9 @@ ddp                single_gpu.yaml / multi_gpu.yaml     fp32 weights (autocast c
                                                         gradients (+ DDP's bucket copy), optimizer state
 zero2              deepspeed_zero2.yaml                 bf16 weights; gradients and optimizer state / N
 zero3              deepspeed_zero3.yaml                 bf16 weights, gradients and optimizer state / N, plus
-                                                        the largest layer gathered
-zero3_offload      deepspeed_zero3_offload.yaml         the largest layer gathered; the rest in host RAM
+                                                        the gathered parameters and the reduce bucket
+zero3_offload      deepspeed_zero3_offload.yaml         the gathered parameters and the reduce bucket; the
+                                                        rest in host RAM
 =================  ===================================  ====================================================
 
 DeepSpeed's accounting per parameter (its own estimators, ``estimate_zero2/3_model_states_mem_needs``): 2 bytes of
@@ -20,7 +21,11 @@ bf16 weights, 2 + 4 bytes of bf16 and fp32 gradients, 4 + 8 bytes of fp32 master
 bytes per trainable parameter besides the weights; 16 under ZeRO-3, which keeps no full-size bf16 gradients), 4
 bytes per parameter of the largest layer gathered under ZeRO-3, and host memory scaled by its
 ``additional_buffer_factor`` of 1.5. The model-state figures here follow it exactly for full fine-tuning with AdamW
-(tests/test_memory.py checks that), and extend it to frozen parameters (LoRA) and to Adafactor.
+(tests/test_memory.py checks that), and extend it to frozen parameters (LoRA), to Adafactor and to fp32 (where
+DeepSpeed still clones an fp32 master partition, except ZeRO-3 without offload). Beyond the estimators, measured
+here: ZeRO-3 keeps the parameters it will reuse gathered during a step (up to ``stage3_max_live_parameters``) and
+allocates a ``reduce_bucket_size`` gradient bucket (``ZeRO-3 buffers``); on a CPU the processes' own memory is host
+memory.
 
 Activations are counted tensor by tensor from what autograd keeps for the backward pass of a T5 block (eager
 attention, gated-GELU feed-forward, dropout in training mode), at the given batch and padded lengths; gradient
@@ -54,6 +59,12 @@ HOST_BUFFER_FACTOR = 1.5
 GPU_RUNTIME_BYTES = 1 * GIB
 #: The share of a GPU's memory an estimate may fill and still "fit" (the allocator fragments the rest).
 USABLE_SHARE = 0.95
+#: DeepSpeed's default ``stage3_max_live_parameters`` (the configs keep it): after the first step, ZeRO-3's prefetcher
+#: keeps every parameter it will use again within ``stage3_max_reuse_distance`` (also 1e9) gathered, up to this many.
+STAGE3_MAX_LIVE_PARAMETERS = 10**9
+#: DeepSpeed's default ``reduce_bucket_size`` (the configs keep it): ZeRO-3 allocates a gradient bucket of this many
+#: elements in the compute precision per process, whatever the model's size (measured: 1.86 GiB in fp32).
+REDUCE_BUCKET_ELEMENTS = 5 * 10**8
 #: The names peft's ``all-linear`` selects in a T5 (every Linear but the output layer).
 ALL_LINEAR = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
 
@@ -336,7 +347,9 @@ def model_state_bytes(setup: Setup, strategy: str) -> tuple[dict[str, int], dict
     # optimizer sees flat partitions, so Adafactor cannot factor them: one fp32 second moment per parameter.
     moments = 4 if adafactor else 8
     weight_bytes = 2 if setup.precision == "bf16" else 4
-    master = 4 if setup.precision == "bf16" else 0
+    # fp32 master weights: a copy of the 16-bit partition; in fp32 too, ZeRO-2 and the offloaded optimizer clone the
+    # fp32 partition (DeepSpeed's stage_1_and_2 / stage3 _create_fp32_partitions); ZeRO-3 on the GPU shares it
+    master = 4 if setup.precision == "bf16" or strategy != "zero3" else 0
     grad_bytes = 6 if setup.precision == "bf16" else 4
     if strategy == "zero2":
         gpu = {
@@ -356,6 +369,8 @@ def model_state_bytes(setup: Setup, strategy: str) -> tuple[dict[str, int], dict
         }
         return gpu, {"model load (fp32 per process)": int(load * HOST_BUFFER_FACTOR)}
     if strategy == "zero3_offload":
+        if setup.precision == "fp32":  # the partition's gradient and the fp32 master's own (the CPU optimizer's input)
+            grad_bytes = 8
         offloaded = (weight_bytes * total + (grad_bytes + master + moments) * trainable) / setup.num_nodes
         gpu = {"weights": gathered, "gradients": 0, "optimizer": 0}
         host = max(load, offloaded) * HOST_BUFFER_FACTOR
@@ -393,11 +408,24 @@ def estimate(setup: Setup) -> list[Estimate]:
     results = []
     for strategy in STRATEGIES:
         gpu, host = model_state_bytes(setup, strategy)
-        gpu = {**gpu, "activations": activations}
+        gpu = {**gpu, "ZeRO-3 buffers": gathered_bytes(setup, strategy), "activations": activations}
         if setup.device == "cuda":
             gpu["CUDA runtime (assumed)"] = GPU_RUNTIME_BYTES
+        else:  # a CPU run: each process's "device" memory is host memory too
+            host["processes' own memory (CPU)"] = setup.per_host * sum(gpu.values())
         results.append(Estimate(strategy, config_for(strategy, setup.num_gpus), gpu, host))
     return results
+
+
+def gathered_bytes(setup: Setup, strategy: str) -> int:
+    """ZeRO-3's working buffers, in the compute precision: the parameters it keeps gathered during a step (every
+    one, up to :data:`STAGE3_MAX_LIVE_PARAMETERS`; measured: after the first step all 247,577,856 parameters of
+    flan-t5-base were gathered at the end of the forward) and its gradient reduce bucket
+    (:data:`REDUCE_BUCKET_ELEMENTS`). docs/benchmarks.md has the measurements. Other strategies: 0."""
+    if strategy not in ("zero3", "zero3_offload"):
+        return 0
+    elements = min(setup.total, STAGE3_MAX_LIVE_PARAMETERS) + REDUCE_BUCKET_ELEMENTS
+    return (2 if setup.precision == "bf16" else 4) * elements
 
 
 def recommend(estimates: list[Estimate], gpu_memory_gb: float) -> Estimate | None:
@@ -420,13 +448,13 @@ def report(setup: Setup, estimates: list[Estimate], gpu_memory_gb: float | None)
         f"{setup.source_len}/{setup.target_len} (padded), {setup.precision}, gradient checkpointing "
         f"{'on' if setup.gradient_checkpointing else 'off'}",
         "",
-        f"{'strategy':<14} {'weights':>10} {'gradients':>10} {'optimizer':>10} {'activations':>12} "
+        f"{'strategy':<14} {'weights':>10} {'gradients':>10} {'optimizer':>10} {'Z3 buffers':>10} {'activations':>12} "
         f"{'per GPU':>10} {'per host':>10}  config",
     ]
     for e in estimates:
         g = e.gpu
-        row = [g["weights"], g["gradients"], g["optimizer"], g["activations"]]
-        cells = " ".join(f"{x / GIB:>10.2f}" for x in row[:3]) + f" {row[3] / GIB:>12.2f}"
+        row = [g["weights"], g["gradients"], g["optimizer"], g["ZeRO-3 buffers"], g["activations"]]
+        cells = " ".join(f"{x / GIB:>10.2f}" for x in row[:4]) + f" {row[4] / GIB:>12.2f}"
         fit = ""
         if gpu_memory_gb is not None:
             fit = "  fits" if e.fits(gpu_memory_gb) else "  too big"
@@ -434,8 +462,9 @@ def report(setup: Setup, estimates: list[Estimate], gpu_memory_gb: float | None)
             f"{e.strategy:<14} {cells} {e.gpu_bytes / GIB:>10.2f} {e.host_bytes / GIB:>10.2f}  {e.config}{fit}"
         )
     runtime = "; per GPU includes 1 GiB assumed for the CUDA runtime" if setup.device == "cuda" else ""
+    own = "; per host adds the processes' own memory (a CPU run)" if setup.device == "cpu" else ""
     lines.append(
-        f"(GiB{runtime}; per host: peak at model load or of the offloaded states, x1.5 as DeepSpeed estimates)"
+        f"(GiB{runtime}; per host: peak at model load or of the offloaded states, x1.5 as DeepSpeed estimates{own})"
     )
     if gpu_memory_gb is not None:
         best = recommend(estimates, gpu_memory_gb)

@@ -151,3 +151,34 @@ def test_activation_count_matches_what_autograd_keeps(one_thread: None) -> None:
     for grown in ((2, 1), (1, 2)):  # one more encoder layer, one more decoder layer
         counted = saved(*grown) - saved(1, 1)
         assert estimated(*grown) - estimated(1, 1) == pytest.approx(counted, rel=0.01)
+
+
+def test_zero3_buffers_follow_deepspeeds_defaults_which_the_configs_keep() -> None:
+    """The gathered parameters and the reduce bucket are sized by DeepSpeed's defaults; the shipped configs do not
+    override them (if one did, the estimate would be wrong), and a CPU run's host column holds its processes."""
+    import yaml
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    defaults = DeepSpeedZeroConfig()
+    assert memory.REDUCE_BUCKET_ELEMENTS == defaults.reduce_bucket_size
+    assert memory.STAGE3_MAX_LIVE_PARAMETERS == defaults.max_live_parameters <= defaults.max_reuse_distance
+    for path in sorted((REPO / "accelerate_configs").glob("deepspeed_*.yaml")):
+        keys = set(yaml.safe_load(path.read_text())["deepspeed_config"])
+        assert not keys & {"reduce_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"}, path
+
+    large = memory.PRESETS["flan-t5-large"]
+    bf16 = {e.strategy: e for e in memory.estimate(memory.Setup(dims=large, num_gpus=2))}
+    assert bf16["zero3"].gpu["ZeRO-3 buffers"] == 2 * (783_150_080 + 500_000_000)
+    assert bf16["zero2"].gpu["ZeRO-3 buffers"] == 0
+    xl = memory.estimate(memory.Setup(dims=memory.PRESETS["flan-t5-xl"]))[2]  # more than 1e9: capped
+    assert xl.gpu["ZeRO-3 buffers"] == 2 * (10**9 + 500_000_000)
+    cpu = memory.Setup(dims=large, num_gpus=2, precision="fp32", device="cpu")
+    for e in memory.estimate(cpu):
+        assert e.host["processes' own memory (CPU)"] == 2 * e.gpu_bytes
+    # fp32: DeepSpeed clones an fp32 master partition for ZeRO-2 and the offloaded optimizer, not for ZeRO-3 on the GPU
+    half = 783_150_080 // 2
+    per_partition = {s: memory.model_state_bytes(cpu, s)[0]["optimizer"] // half for s in ("zero2", "zero3")}
+    assert per_partition == {"zero2": 12, "zero3": 8}  # master + moments; moments only
+    offloaded = memory.model_state_bytes(cpu, "zero3_offload")[1]["offloaded states"]
+    # weights, gradients (the partition's and the fp32 master's), master, moments: 24 bytes, as counted (benchmarks.md)
+    assert offloaded == int((4 + 8 + 4 + 8) * 783_150_080 * memory.HOST_BUFFER_FACTOR)
