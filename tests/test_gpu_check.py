@@ -30,8 +30,14 @@ def test_cpu_run_writes_table_and_json(tmp_path: Path, quickstart_assets: tuple[
     assert row["predictions"] == 3
     assert row["mfu"] is None  # no peak given for a CPU
     assert row["compiled"] is False and row["parallel"] == 1  # cpu.yaml has no dynamo_config
+    # the memory estimate of the same run beside the measured peak (no CUDA runtime term on a CPU)
+    from dialogsum import memory
+
+    setup = memory.Setup(dims=memory.resolve_dims(str(model_dir)), method="lora", batch=4, source_len=96,
+                         target_len=32, precision="fp32", device="cpu")  # fmt: skip
+    assert row["estimate_gb"] == round(memory.estimate(setup)[0].gpu_bytes / 1e9, 2) > 0
     table = (work / "gpu_check.md").read_text()
-    assert "| lora | cpu.yaml | no |" in table and "| ok |" in table
+    assert "| lora | cpu.yaml | no |" in table and "| ok |" in table and "estimate (GB)" in table
     assert (work / "lora" / "adapter_model.safetensors").is_file()
 
 

@@ -10,10 +10,11 @@ steps on DialogSum-format data with the unchanged training scripts under ``accel
 launcher configs as they are (bf16, compiled): full and LoRA, plain single GPU, DeepSpeed ZeRO-2 and ZeRO-3 and
 FSDP with one process, gradient checkpointing off and on; each run also generates for a few test dialogues
 (ZeRO-3: synced_gpus). It prints a table of tokens/s, MFU, peak memory (torch.cuda.max_memory_allocated; process
-RSS with --cpu), step time and whether the run compiled, and writes it to ``<work_dir>/gpu_check.{md,json}``
-after every run. The numbers say whether each path works and how fast; ROUGE of a random model is meaningless
-and not shown. ``--parallel N`` runs N at a time (to fit a short lease: the runs then share the GPU and the
-host, so their speeds are lower bounds, marked as such).
+RSS with --cpu) beside scripts/estimate_memory.py's estimate for the run, step time and whether the run
+compiled, and writes it to ``<work_dir>/gpu_check.{md,json}`` after every run. The numbers say whether each
+path works and how fast; ROUGE of a random model is meaningless and not shown. ``--parallel N`` runs N at a time
+(to fit a short lease: the runs then share the GPU and the host, so their speeds are lower bounds, marked as
+such).
 
 MFU uses the benchmark's FLOP formula (:mod:`tools.flops`): the mean training FLOPs per real token
 of the data file times the run's real tokens/s, over the GPU's dense bf16 peak (``--peak_tflops``, else known by
@@ -41,6 +42,16 @@ from tools import REPO
 from tools.flops import T5Dims, mfu, training_flops_per_token
 
 SHARED = REPO.parent / "shared"
+
+#: The memory estimate's strategy (dialogsum.memory) of each launcher config; FSDP is not modelled.
+STRATEGIES = {
+    "cpu.yaml": "ddp",
+    "single_gpu.yaml": "ddp",
+    "multi_gpu.yaml": "ddp",
+    "deepspeed_zero2.yaml": "zero2",
+    "deepspeed_zero3.yaml": "zero3",
+    "deepspeed_zero3_offload.yaml": "zero3_offload",
+}
 
 #: Dense bf16 peak TFLOP/s by GPU name (tensor cores, no sparsity).
 PEAK_BF16_TFLOPS = {
@@ -180,6 +191,31 @@ def measure(out: Path, run: Run, per_token: dict[str, float], peak: float | None
     }
 
 
+def estimated_gb(run: Run, model: Path, out: Path, args: argparse.Namespace) -> float | None:
+    """dialogsum.memory's per-device estimate of the finished run in GB, beside its measured peak: at the full
+    ``--max_source_length``/``--max_target_length`` (an upper bound: length-grouped batches are shorter), without
+    the assumed CUDA runtime (``max_memory_allocated`` does not see it). None for FSDP (not modelled)."""
+    from dialogsum import memory
+
+    strategy = STRATEGIES.get(run.config)
+    if strategy is None:
+        return None
+    metrics = json.loads((out / "metrics.json").read_text())
+    setup = memory.Setup(
+        dims=memory.resolve_dims(str(model)),
+        method=run.method,
+        num_gpus=int(metrics.get("num_processes", 1)),
+        batch=args.batch_size,
+        source_len=args.max_source_length,
+        target_len=args.max_target_length,
+        precision="bf16" if metrics.get("mixed_precision") == "bf16" else "fp32",
+        gradient_checkpointing=run.gradient_checkpointing,
+        device="cpu" if args.cpu else "cuda",
+    )
+    (estimate,) = [e for e in memory.estimate(setup) if e.strategy == strategy]
+    return round((estimate.gpu_bytes - estimate.gpu.get("CUDA runtime (assumed)", 0)) / 1e9, 2)
+
+
 def run_batch(out: Path) -> int:
     """Per-device batch size recorded in the run's resolved config."""
     import yaml
@@ -205,8 +241,9 @@ def execute(cmd: list[str], timeout: int) -> tuple[str, str]:
 def table(rows: list[dict]) -> str:
     """Markdown table of the results."""
     header = ["run", "launcher config", "compiled", "tokens/s", "step time (s)", "TFLOP/s", "MFU", "peak memory (GB)"]
-    header.append("status")
-    keys = ["run", "config", "compiled", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_memory_gb", "status"]
+    header += ["estimate (GB)", "status"]
+    keys = ["run", "config", "compiled", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_memory_gb"]
+    keys += ["estimate_gb", "status"]
     cells = [[r.get(k, "") for k in keys] for r in rows]
     for r, row in zip(rows, cells, strict=True):
         row[2] = {True: "yes", False: "no"}.get(r.get("compiled"), "")
@@ -261,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         status, log = execute(train_command(run, work / "model", data_file, out, args), args.timeout)
         if status == "ok":
             row = measure(out, run, per_token, peak)
+            row["estimate_gb"] = estimated_gb(run, work / "model", out, args)
             row["compiled"] = "compiling the model" in log
         else:
             row = {"run": run.name, "config": run.config, "status": status}
