@@ -411,8 +411,9 @@ def estimate(setup: Setup) -> list[Estimate]:
         gpu = {**gpu, "ZeRO-3 buffers": gathered_bytes(setup, strategy), "activations": activations}
         if setup.device == "cuda":
             gpu["CUDA runtime (assumed)"] = GPU_RUNTIME_BYTES
-        else:  # a CPU run: each process's "device" memory is host memory too
-            host["processes' own memory (CPU)"] = setup.per_host * sum(gpu.values())
+        else:  # a CPU run: each process's "device" memory is host memory, its loaded model included
+            own = {"processes' own memory (CPU)": setup.per_host * sum(gpu.values())}
+            host = {**host, **own} if strategy == "zero3_offload" else own
         results.append(Estimate(strategy, config_for(strategy, setup.num_gpus), gpu, host))
     return results
 
@@ -462,7 +463,9 @@ def report(setup: Setup, estimates: list[Estimate], gpu_memory_gb: float | None)
             f"{e.strategy:<14} {cells} {e.gpu_bytes / GIB:>10.2f} {e.host_bytes / GIB:>10.2f}  {e.config}{fit}"
         )
     runtime = "; per GPU includes 1 GiB assumed for the CUDA runtime" if setup.device == "cuda" else ""
-    own = "; per host adds the processes' own memory (a CPU run)" if setup.device == "cpu" else ""
+    own = ""
+    if setup.device == "cpu":
+        own = "; a CPU run: per host is the processes' own memory, plus any offloaded states"
     lines.append(
         f"(GiB{runtime}; per host: peak at model load or of the offloaded states, x1.5 as DeepSpeed estimates{own})"
     )

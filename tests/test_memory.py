@@ -173,8 +173,9 @@ def test_zero3_buffers_follow_deepspeeds_defaults_which_the_configs_keep() -> No
     xl = memory.estimate(memory.Setup(dims=memory.PRESETS["flan-t5-xl"]))[2]  # more than 1e9: capped
     assert xl.gpu["ZeRO-3 buffers"] == 2 * (10**9 + 500_000_000)
     cpu = memory.Setup(dims=large, num_gpus=2, precision="fp32", device="cpu")
-    for e in memory.estimate(cpu):
+    for e in memory.estimate(cpu):  # the model each process loads is the weights it trains: counted once
         assert e.host["processes' own memory (CPU)"] == 2 * e.gpu_bytes
+        assert e.host_bytes == 2 * e.gpu_bytes + e.host.get("offloaded states", 0)
     # fp32: DeepSpeed clones an fp32 master partition for ZeRO-2 and the offloaded optimizer, not for ZeRO-3 on the GPU
     half = 783_150_080 // 2
     per_partition = {s: memory.model_state_bytes(cpu, s)[0]["optimizer"] // half for s in ("zero2", "zero3")}
