@@ -36,8 +36,14 @@ CASES = [
     # bf16 from an fp32 base: the saved model is DeepSpeed's fp32 master copy, as zero_to_fp32 gives it
     ("deepspeed_zero2.yaml", "full", [], ["--checkpointing_steps", "6"]),
     ("deepspeed_zero3.yaml", "full", ["--mixed_precision", "no"], []),
-    # ZeRO-3 LoRA as DoRA (magnitudes from whole weights at creation, sharded after) with LoRA+ optimizer groups
-    ("deepspeed_zero3.yaml", "lora", [], ["--gradient_checkpointing", "--use_dora", "--loraplus_lr_ratio", "4"]),
+    # ZeRO-3 LoRA as DoRA (magnitudes from whole weights at creation, sharded after) with LoRA+ optimizer groups,
+    # orthogonal initialisation
+    (
+        "deepspeed_zero3.yaml",
+        "lora",
+        [],
+        ["--gradient_checkpointing", "--use_dora", "--loraplus_lr_ratio", "4", "--init_lora_weights", "orthogonal"],
+    ),
     # PiSSA (base weights rewritten at creation) on every linear layer, rsLoRA: saved converted from the gathered state
     ("deepspeed_zero3.yaml", "lora", ["--mixed_precision", "no"], PISSA),
     ("deepspeed_zero3.yaml", "ia3", ["--mixed_precision", "no"], []),
@@ -98,7 +104,7 @@ def assert_converted_adapter_reproduces_the_run(out: Path, trained: dict[str, to
         "zero2-lora-bf16",
         "zero2-full-bf16",
         "zero3-full",
-        "zero3-dora-loraplus-gradient-checkpointing-bf16",
+        "zero3-dora-loraplus-orthogonal-gradient-checkpointing-bf16",
         "zero3-pissa-rslora-all-linear",
         "zero3-ia3",
     ],
@@ -133,6 +139,7 @@ def test_deepspeed_training(
     if "--use_dora" in train_args:
         assert any("lora_magnitude_vector" in name for name in ranks[0])
         assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+        assert json.loads((out / "metrics.json").read_text())["method_detail"].endswith("init=orthogonal LoRA+x4")
     if method == "full":
         from safetensors.torch import load_file
         from transformers import AutoModelForSeq2SeqLM
