@@ -36,7 +36,6 @@ measured peaks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.errors import UserError
+from dialogsum.files import describe_value, read_json_object
 
 GIB = 2**30
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload")
@@ -115,25 +115,37 @@ def resolve_dims(model: str) -> T5Dims:
         raise UserError(
             f"--model {model}: not one of {', '.join(PRESETS)} and no config.json there (give a model folder)"
         )
-    try:
-        c = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--model {model}: cannot read {config}: {exc}") from exc
+    c = read_json_object(config, "config.json")
     if "t5" not in str(c.get("model_type", "")).lower():
         raise UserError(f"--model {model}: model_type {c.get('model_type')!r} is not a T5; the estimate covers T5s")
+
+    def size(key: str, default: int | None = None) -> int:
+        """A size field: a whole number in [1, 2**31) (absent or null: ``default``, if there is one)."""
+        value = c.get(key)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+            found = "nothing" if value is None else describe_value(value)
+            raise UserError(f"{config}: {key} must be a whole number from 1 to 2**31 - 1, got {found}")
+        return value
+
+    layers = size("num_layers")
+    dropout = c.get("dropout_rate", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{config}: dropout_rate must be a number in [0, 1), got {describe_value(dropout)}")
     return T5Dims(
-        d_model=c["d_model"],
-        d_ff=c["d_ff"],
-        num_heads=c["num_heads"],
-        num_layers=c["num_layers"],
-        num_decoder_layers=c.get("num_decoder_layers") or c["num_layers"],
-        d_kv=c.get("d_kv", 64),
-        vocab_size=c["vocab_size"],
-        relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
+        d_model=size("d_model"),
+        d_ff=size("d_ff"),
+        num_heads=size("num_heads"),
+        num_layers=layers,
+        num_decoder_layers=size("num_decoder_layers", layers),
+        d_kv=size("d_kv", 64),
+        vocab_size=size("vocab_size"),
+        relative_attention_num_buckets=size("relative_attention_num_buckets", 32),
         gated=str(c.get("feed_forward_proj", "relu")).startswith("gated"),
         # FLAN-T5 checkpoints carry their own lm_head whatever the flag says (see dialogsum.modeling.load_model)
         tied=False,
-        dropout_rate=c.get("dropout_rate", 0.1),
+        dropout_rate=float(dropout),
     )
 
 
@@ -179,6 +191,20 @@ def linear_parameters(dims: T5Dims) -> int:
         for name, shape in parameter_shapes(dims)
         if len(shape) == 2 and name != "shared" and not name.endswith("relative_attention_bias")
     )
+
+
+def check_lora_targets(targets: list[str] | tuple[str, ...]) -> None:
+    """Refuse a ``--lora_target_modules`` name that is no T5 Linear (training would refuse it with the model's layer
+    names; here it would silently count nothing)."""
+    known = {*ALL_LINEAR, "wi", "all-linear"}
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise UserError(
+            f"--lora_target_modules {' '.join(unknown)}: no such Linear in a T5; choose from "
+            f"{', '.join(sorted(known - {'all-linear'}))} or all-linear"
+        )
+    if "all-linear" in targets and len(targets) > 1:
+        raise UserError("--lora_target_modules all-linear already takes every linear layer; give it alone")
 
 
 def lora_parameters(dims: T5Dims, r: int, targets: list[str] | tuple[str, ...]) -> int:

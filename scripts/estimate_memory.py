@@ -42,10 +42,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--measure_steps", type=int, default=3)
     args = p.parse_args(argv)
     for name in ("num_gpus", "num_nodes", "batch", "source_len", "target_len", "lora_r", "measure_steps"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < 2**31:
+            raise UserError(f"--{name} must be from 1 to 2**31 - 1, got {getattr(args, name)}")
     if args.measure and not Path(args.model).is_dir():
         raise UserError(f"--measure builds the model from a folder's config.json; --model {args.model} is not a folder")
+    if args.gpu_memory_gb is not None and not 0 < args.gpu_memory_gb < float("inf"):
+        raise UserError(f"--gpu_memory_gb must be a positive number of GB, got {args.gpu_memory_gb}")
+    memory.check_lora_targets(args.lora_target_modules)
     if args.num_gpus % args.num_nodes:
         raise UserError(f"--num_gpus {args.num_gpus} is not a multiple of --num_nodes {args.num_nodes}")
     return args

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, run_script
+from helpers import REPO, run_script, script_main
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dialogsum import memory
+from dialogsum.errors import UserError
 
 
 def test_parameter_counts_are_the_architectures(flan_t5_base_dir) -> None:
@@ -107,7 +111,7 @@ def test_script_names_the_config_that_fits_and_refuses_bad_input(tmp_path) -> No
     for args, message in (
         (["--model", "flan-t5-huge"], "error: --model flan-t5-huge: not one of flan-t5-small"),
         (["--model", str(tmp_path)], "is not a T5"),
-        (["--batch", "0"], "error: --batch must be > 0, got 0"),
+        (["--batch", "0"], "error: --batch must be from 1 to 2**31 - 1, got 0"),
         (["--measure"], "error: --measure builds the model from a folder's config.json; --model flan-t5-base is"),
     ):
         proc = run_script(["python", script, *args])
@@ -183,3 +187,84 @@ def test_zero3_buffers_follow_deepspeeds_defaults_which_the_configs_keep() -> No
     offloaded = memory.model_state_bytes(cpu, "zero3_offload")[1]["offloaded states"]
     # weights, gradients (the partition's and the fp32 master's), master, moments: 24 bytes, as counted (benchmarks.md)
     assert offloaded == int((4 + 8 + 4 + 8) * 783_150_080 * memory.HOST_BUFFER_FACTOR)
+
+
+SIZE_KEYS = ("d_model", "d_ff", "num_heads", "num_layers", "num_decoder_layers", "d_kv", "vocab_size")
+
+
+def _json_values() -> Any:
+    scalars = st.none() | st.booleans() | st.integers(-3, 2**40) | st.floats(allow_nan=False) | st.text(max_size=5)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(), inner))
+
+
+def _estimate_or_refusal(argv: list[str]) -> dict | None:
+    """scripts/estimate_memory.py's main in this process: its result, or None when it refused with a UserError
+    of one line (anything else escapes and fails the test)."""
+    try:
+        return script_main("estimate_memory")(argv)
+    except UserError as exc:
+        assert "\n" not in str(exc) and str(exc), exc
+        return None
+
+
+def test_any_model_config_gives_an_estimate_or_one_line(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Generated config.json files (T5 sizes of any JSON value, any extra keys): an estimate with the exact
+    parameter count of the sizes, or one UserError line; never a traceback."""
+    folder = tmp_path_factory.mktemp("generated_config")
+    sizes = st.integers(1, 64) | _json_values()
+    configs = st.fixed_dictionaries(
+        {"model_type": st.sampled_from(["t5", "mt5", "bart"]) | _json_values()},
+        optional={k: sizes for k in (*SIZE_KEYS, "dropout_rate", "feed_forward_proj")},
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(config=configs)
+    def check(config: dict) -> None:
+        (folder / "config.json").write_text(json.dumps(config))
+        result = _estimate_or_refusal(["--model", str(folder), "--json", "--batch", "1", "--source_len", "4",
+                                       "--target_len", "2"])  # fmt: skip
+        if result is not None:
+            dims = memory.resolve_dims(str(folder))
+            assert result["parameters"] == memory.count_parameters(dims) > 0
+
+    check()
+
+
+def _valid(values: dict[str, str], names: list[str]) -> bool:
+    """Whether the generated flags are what the estimate accepts: whole numbers from 1 to 2**31 - 1, a positive
+    finite GPU size, GPUs a multiple of hosts, T5 Linear names (all-linear alone)."""
+    if set(names) - {*memory.ALL_LINEAR, "wi", "all-linear"} or ("all-linear" in names and len(names) > 1):
+        return False
+    numbers = {"--num_gpus": 1, "--num_nodes": 1}
+    for flag, text in values.items():
+        try:
+            value = float(text) if flag == "--gpu_memory_gb" else int(text)
+        except ValueError:
+            return False
+        if not (0 < value < math.inf if flag == "--gpu_memory_gb" else 0 < value < 2**31):
+            return False
+        numbers[flag] = value
+    return numbers["--num_gpus"] % numbers["--num_nodes"] == 0
+
+
+def test_any_numeric_flags_give_an_estimate_or_one_line() -> None:
+    """Generated values of every numeric flag and LoRA target lists: an estimate exactly when they are valid,
+    else one UserError line (or argparse's usage error for a non-number); never a traceback."""
+    numbers = st.integers(-2, 2**64).map(str) | st.floats().map(str) | st.sampled_from(["1e999", "x", "", "3"])
+    flags = ("--num_gpus", "--num_nodes", "--batch", "--source_len", "--target_len", "--lora_r", "--gpu_memory_gb")
+    targets = st.lists(st.sampled_from(["q", "v", "wo", "wi", "all-linear", "zz", "Q"]), min_size=1, max_size=3)
+
+    @settings(max_examples=80, deadline=None)
+    @given(values=st.dictionaries(st.sampled_from(flags), numbers, max_size=4), names=targets)
+    def check(values: dict[str, str], names: list[str]) -> None:
+        argv = ["--model", "flan-t5-small", "--method", "lora", "--json", "--lora_target_modules", *names]
+        try:
+            result = _estimate_or_refusal([*argv, *(x for kv in values.items() for x in kv)])
+        except SystemExit as exc:  # argparse's own refusal of a non-number: exit 2 with its usage line
+            assert exc.code == 2 and not _valid(values, names)
+            return
+        assert (result is not None) == _valid(values, names), (values, names)
+        if result is not None:
+            assert all(s["gpu_bytes"] > 0 for s in result["strategies"].values())
+
+    check()
