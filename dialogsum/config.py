@@ -48,9 +48,11 @@ DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 1e-3, "ia3": 3e-3}
 METHODS = ("full", "lora", "ia3")
 #: Methods that train a peft adapter (saved as adapter_model.safetensors + adapter_config.json).
 ADAPTER_METHODS = ("lora", "ia3")
-#: --init_lora_weights values this project passes to peft (``pissa_niter_N``: any N >= 0). ``pissa``,
+#: --init_lora_weights values this project passes to peft (``pissa_niter_N``: N from 0 to 1000). ``pissa``,
 #: ``pissa_niter_N`` and ``olora`` rewrite the base weights at initialisation (see docs/training.md).
 LORA_INITS = ("true", "false", "gaussian", "pissa", "pissa_niter_N", "olora", "orthogonal")
+#: The most subspace iterations ``pissa_niter_N`` may ask for (more only costs start-up time).
+PISSA_NITER_MAX = 1000
 #: --init_lora_weights values peft offers that need more than a model (refused, with the reason).
 LORA_INITS_REFUSED = {
     "eva": "a pass over training activations before training (peft's initialize_lora_eva_weights)",
@@ -388,7 +390,6 @@ PATH_FIELDS = (
     "checkpoint_dir",
     "resume_from_checkpoint",
 )
-
 
 
 #: Flags of the Hugging Face example scripts that have another name here: old -> (new, hint).
@@ -1053,8 +1054,14 @@ def validate_lora_variant(cfg: Config) -> None:
         raise ConfigError(
             f"--init_lora_weights {init} needs {LORA_INITS_REFUSED[init]}; use one of {', '.join(LORA_INITS)}"
         )
-    if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", init):
+    niter = re.fullmatch(r"pissa_niter_([0-9]+)", init)
+    if init not in LORA_INITS and not niter:
         raise ConfigError(f"--init_lora_weights must be one of {', '.join(LORA_INITS)}, got {init!r}")
+    if niter and int(niter.group(1)) > PISSA_NITER_MAX:  # each iteration is a pass over every adapted weight
+        raise ConfigError(
+            f"--init_lora_weights {init}: N goes from 0 to {PISSA_NITER_MAX} subspace iterations (peft suggests 4 "
+            "to 16)"
+        )
     if lo.use_dora and mutates_base_weights(init):
         raise ConfigError(
             f"--use_dora with --init_lora_weights {init}: a {init} adapter is saved converted to plain LoRA against "

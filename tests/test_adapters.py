@@ -154,6 +154,8 @@ def test_method_settings_in_the_resume_fingerprint() -> None:
         ("lora", ["--init_lora_weights", "eva"], "--init_lora_weights eva needs a pass over training activations"),
         ("lora", ["--init_lora_weights", "loftq"], "--init_lora_weights loftq needs a quantized base model"),
         ("lora", ["--init_lora_weights", "svd"], "--init_lora_weights must be one of true, false, gaussian, pissa"),
+        ("lora", ["--init_lora_weights", "pissa_niter_99999999999"], "N goes from 0 to 1000 subspace iterations"),
+        ("lora", ["--init_lora_weights", "pissa_niter_\u0663"], "--init_lora_weights must be one of"),  # not 0-9
         ("lora", ["--init_lora_weights", "orthogonal", "--lora_r", "5"], "orthogonal needs an even --lora_r, got 5"),
         ("lora", ["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be > 0"),
         ("lora", ["--lora_target_modules", "all-linear", "q"], "all-linear already takes every linear layer"),
