@@ -536,6 +536,27 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def available_bytes() -> int | None:
+    """This machine's available memory (``MemAvailable`` of /proc/meminfo); None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as fh:
+            line = next((x for x in fh if x.startswith("MemAvailable:")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024 if line else None
+
+
+def check_fits_this_machine(single: Estimate) -> None:
+    """Refuse ``--measure`` when the one-process estimate is more than this machine has available (the run would
+    be killed for memory, or swap for a long time), before building the model."""
+    available = available_bytes()
+    if available is not None and single.gpu_bytes > available:
+        raise UserError(
+            f"--measure needs about {gib(single.gpu_bytes)} and this machine has {gib(available)} available; "
+            "lower --batch or --source_len, or measure a smaller model"
+        )
+
+
 def measure(model_dir: str, setup: Setup, steps: int = 3) -> dict[str, int]:
     """Train ``steps`` optimizer steps on the CPU, fp32, of ``model_dir``'s architecture (random weights, own
     lm_head) with this project's model building, LoRA wrapping and optimizer, on random tokens of the setup's

@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     estimates = memory.estimate(setup)
     result = memory.as_json(setup, estimates)
     if args.measure:
+        memory.check_fits_this_machine(estimates[0])
         result["measured"] = memory.measure(args.model, setup, args.measure_steps)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -108,11 +108,16 @@ def test_script_names_the_config_that_fits_and_refuses_bad_input(tmp_path) -> No
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["parameters"] == 247_577_856 and set(result["strategies"]) == set(memory.STRATEGIES)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart"}))
+    xxl = tmp_path / "xxl"
+    xxl.mkdir()
+    sizes = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "num_layers": 24, "vocab_size": 32128}
+    (xxl / "config.json").write_text(json.dumps({"model_type": "t5", **sizes, "feed_forward_proj": "gated-gelu"}))
     for args, message in (
         (["--model", "flan-t5-huge"], "error: --model flan-t5-huge: not one of flan-t5-small"),
         (["--model", str(tmp_path)], "is not a T5"),
         (["--batch", "0"], "error: --batch must be from 1 to 2**31 - 1, got 0"),
         (["--measure"], "error: --measure builds the model from a folder's config.json; --model flan-t5-base is"),
+        (["--model", str(xxl), "--measure"], "error: --measure needs about 249.98 GiB and this machine has"),
     ):
         proc = run_script(["python", script, *args])
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
