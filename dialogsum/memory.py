@@ -557,6 +557,31 @@ def check_fits_this_machine(single: Estimate) -> None:
         )
 
 
+def offload_warning(model: str, setup_values: dict[str, Any]) -> str | None:
+    """Under ZeRO-3 offload, a warning when the offloaded model states, as DeepSpeed estimates them (its 1.5 buffer
+    factor included; activations left out), exceed this host's available memory; None when they fit, when the
+    model's sizes are unknown here (a hub id that is no FLAN-T5 preset) or the method is not full fine-tuning or
+    LoRA. ``setup_values``: :class:`Setup` fields (method, precision, num_gpus, num_nodes, lora_r, lora_targets).
+    Measured: the flan-t5-large run of docs/bigger-models.md (26.3 GiB by this figure, 22.9 available) was killed
+    for memory in its first step."""
+    if setup_values.get("method") not in ("full", "lora"):
+        return None
+    try:
+        setup = Setup(dims=resolve_dims(model), **setup_values)
+    except UserError:
+        return None
+    needed = model_state_bytes(setup, "zero3_offload")[1].get("offloaded states", 0)
+    available = available_bytes()
+    if available is None or needed <= available:
+        return None
+    return (
+        f"ZeRO-3 offload keeps about {gib(needed)} of model states in this host's memory (DeepSpeed's estimate with "
+        f"its 1.5 buffer factor; at least {gib(needed / HOST_BUFFER_FACTOR)}) and {gib(available)} is available: "
+        "expect the run to be killed for memory in its first step, or to swap; scripts/estimate_memory.py gives "
+        "the whole estimate"
+    )
+
+
 def measure(model_dir: str, setup: Setup, steps: int = 3) -> dict[str, int]:
     """Train ``steps`` optimizer steps on the CPU, fp32, of ``model_dir``'s architecture (random weights, own
     lm_head) with this project's model building, LoRA wrapping and optimizer, on random tokens of the setup's

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from dialogsum.distributed import (
 from dialogsum.errors import UserError
 from dialogsum.evaluation import evaluate_with_config, evaluation_loss
 from dialogsum.files import write_json, write_jsonl
+from dialogsum.memory import offload_warning
 from dialogsum.modeling import (
     check_adapter_targets,
     check_model_source,
@@ -165,6 +167,7 @@ def check_and_seed(cfg: Config, run: RunPlan, accelerator: Any) -> None:
     check_mixed_precision(accelerator.mixed_precision, cfg.model.model_name_or_path)
     check_optimizer(accelerator, cfg.train.optim)  # Adafactor under optimizer offload would silently be Adam
     check_topology(cfg, accelerator)  # DoRA/PiSSA/OLoRA need whole weights when the adapter is created
+    warn_offload_memory(cfg, accelerator)  # ZeRO-3 offload: model states larger than this host's memory
     if cfg.train.do_train:  # several machines: one checkpoint folder that all of them see, one resume step
         flag = "--checkpoint_dir" if cfg.train.checkpoint_dir else "--output_dir"
         check_shared_folder(accelerator, checkpoint_root(cfg), flag)
@@ -172,6 +175,31 @@ def check_and_seed(cfg: Config, run: RunPlan, accelerator: Any) -> None:
     if run.resume is not None:
         check_compatible(read_state(run.resume), cfg, accelerator.num_processes, run.resume)
     set_seed(cfg.train.seed)
+
+
+def warn_offload_memory(cfg: Config, accelerator: Any) -> None:
+    """Under ZeRO-3 with offloaded optimizer states, warn (once per host, before the model loads) when those states
+    alone exceed the host's available memory (:func:`dialogsum.memory.offload_warning`): the run would otherwise be
+    killed in its first step with no word of why."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not accelerator.is_local_main_process:
+        return
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}) or {}
+    if zero.get("stage") != 3 or offload.get("device", "none") in (None, "none"):
+        return
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    values = {
+        "method": cfg.method,
+        "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
+        "num_gpus": accelerator.num_processes,
+        "num_nodes": max(1, accelerator.num_processes // max(1, per_host)),
+        "lora_r": cfg.lora.lora_r,
+        "lora_targets": tuple(cfg.lora.lora_target_modules),
+    }
+    message = offload_warning(cfg.model.model_name_or_path, values)
+    if message:
+        logger.warning(message)
 
 
 # --------------------------------------------------------------------------------------------- building

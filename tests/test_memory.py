@@ -273,3 +273,39 @@ def test_any_numeric_flags_give_an_estimate_or_one_line() -> None:
             assert all(s["gpu_bytes"] > 0 for s in result["strategies"].values())
 
     check()
+
+
+def test_zero3_offload_warns_before_loading_when_the_states_exceed_this_host(tmp_path, caplog) -> None:
+    """An XXL-sized config under an offloading ZeRO-3 config: the warning names what DeepSpeed's estimate says the
+    host needs (this machine's real available memory is far below 280 GiB); a model that fits, or no offload, says
+    nothing."""
+    from types import SimpleNamespace
+
+    from dialogsum import steps
+    from dialogsum.config import build_config
+
+    xxl = tmp_path / "xxl"
+    xxl.mkdir()
+    sizes = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "num_layers": 24, "vocab_size": 32128}
+    (xxl / "config.json").write_text(json.dumps({"model_type": "t5", **sizes, "feed_forward_proj": "gated-gelu"}))
+
+    def accelerator(offload: str) -> SimpleNamespace:
+        zero = {"stage": 3, "offload_optimizer": {"device": offload}}
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
+        state = SimpleNamespace(deepspeed_plugin=plugin)
+        return SimpleNamespace(state=state, is_local_main_process=True, num_processes=1, mixed_precision="bf16")
+
+    def warnings(model: str, offload: str) -> list[str]:
+        caplog.clear()
+        cfg = build_config("full", {"output_dir": "x", "model_name_or_path": model})
+        with caplog.at_level("WARNING", logger="dialogsum.steps"):
+            steps.warn_offload_memory(cfg, accelerator(offload))
+        return [r.getMessage() for r in caplog.records]
+
+    (message,) = warnings(str(xxl), "cpu")
+    least = 18 * 11_135_332_352  # bf16: weights 2, gradients 4, master 4, moments 8 bytes
+    about, at_least = memory.gib(int(least * 1.5)), memory.gib(least)
+    assert message.startswith(f"ZeRO-3 offload keeps about {about} of model states in this host's memory")
+    assert f"buffer factor; at least {at_least}) and " in message
+    assert "expect the run to be killed for memory in its first step" in message
+    assert warnings(str(xxl), "none") == [] and warnings("google/flan-t5-small", "cpu") == []
