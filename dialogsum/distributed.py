@@ -355,6 +355,17 @@ def is_zero3(accelerator: Accelerator) -> bool:
     return plugin is not None and int(plugin.zero_stage) == 3
 
 
+def optimizer_offload(accelerator: Accelerator) -> str | None:
+    """The device DeepSpeed offloads the optimizer states to (``cpu``, ``nvme``), from the plugin's resolved config;
+    None without DeepSpeed or without offload."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+    device = offload.get("device", "none")
+    return None if device in (None, "none") else str(device)
+
+
 def peak_memory_mb(device: torch.device | str) -> float:
     """Peak memory of this process so far, in MB (10^6 bytes).
 

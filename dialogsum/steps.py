@@ -37,6 +37,8 @@ from dialogsum.distributed import (
     agree_on_resume,
     check_shared_folder,
     compiles,
+    is_zero3,
+    optimizer_offload,
     peak_memory_mb,
     set_deepspeed_micro_batch,
 )
@@ -181,12 +183,7 @@ def warn_offload_memory(cfg: Config, accelerator: Any) -> None:
     """Under ZeRO-3 with offloaded optimizer states, warn (once per host, before the model loads) when those states
     alone exceed the host's available memory (:func:`dialogsum.memory.offload_warning`): the run would otherwise be
     killed in its first step with no word of why."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or not accelerator.is_local_main_process:
-        return
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
-    offload = zero.get("offload_optimizer", {}) or {}
-    if zero.get("stage") != 3 or offload.get("device", "none") in (None, "none"):
+    if not accelerator.is_local_main_process or not is_zero3(accelerator) or optimizer_offload(accelerator) is None:
         return
     per_host = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     values = {

@@ -46,7 +46,7 @@ from dialogsum.checkpointing import (
 )
 from dialogsum.config import Config, checkpoint_every, idle_settings, warn_once
 from dialogsum.data import LengthGroupedBatchSampler
-from dialogsum.distributed import mark_progress, peak_memory_mb
+from dialogsum.distributed import mark_progress, optimizer_offload, peak_memory_mb
 from dialogsum.errors import UserError
 from dialogsum.files import json_object_or_none, parse_jsonl, read_text, write_jsonl, write_text
 from dialogsum.preemption import StopRequest, TrainingStopped, estimated_save_s, parse_duration, process_started_at
@@ -83,14 +83,11 @@ def check_mixed_precision(mixed_precision: str, model_name_or_path: str) -> None
 def check_optimizer(accelerator: Any, optim: str) -> None:
     """Refuse ``--optim adafactor`` under DeepSpeed optimizer offload: accelerate swaps any optimizer there for
     DeepSpeed's CPU Adam, so the run would silently train with Adam."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if optim == "adamw" or plugin is None:
-        return
-    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
-    if offload.get("device", "none") not in (None, "none"):
+    device = optimizer_offload(accelerator)
+    if optim != "adamw" and device is not None:
         raise UserError(
             f"--optim {optim} cannot run with DeepSpeed's optimizer offload (offload_optimizer_device: "
-            f"{offload['device']}): accelerate replaces the optimizer with DeepSpeed's CPU Adam there; use "
+            f"{device}): accelerate replaces the optimizer with DeepSpeed's CPU Adam there; use "
             "deepspeed_zero2.yaml or deepspeed_zero3.yaml, or --optim adamw"
         )
 

@@ -281,6 +281,8 @@ def test_zero3_offload_warns_before_loading_when_the_states_exceed_this_host(tmp
     nothing."""
     from types import SimpleNamespace
 
+    from accelerate.utils import DistributedType
+
     from dialogsum import steps
     from dialogsum.config import build_config
 
@@ -291,9 +293,10 @@ def test_zero3_offload_warns_before_loading_when_the_states_exceed_this_host(tmp
 
     def accelerator(offload: str) -> SimpleNamespace:
         zero = {"stage": 3, "offload_optimizer": {"device": offload}}
-        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
+        plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": zero})
         state = SimpleNamespace(deepspeed_plugin=plugin)
-        return SimpleNamespace(state=state, is_local_main_process=True, num_processes=1, mixed_precision="bf16")
+        return SimpleNamespace(state=state, distributed_type=DistributedType.DEEPSPEED, is_local_main_process=True,
+                               num_processes=1, mixed_precision="bf16")  # fmt: skip
 
     def warnings(model: str, offload: str) -> list[str]:
         caplog.clear()
