@@ -1047,8 +1047,7 @@ def validate_lora_variant(cfg: Config) -> None:
     ]
     if variant and cfg.method != "lora":
         raise ConfigError(f"{variant[0]} is a LoRA setting: use it with scripts/train_lora.py")
-    if "all-linear" in lo.lora_target_modules and len(lo.lora_target_modules) > 1:
-        raise ConfigError("--lora_target_modules all-linear already takes every linear layer; give it alone")
+    check_all_linear_alone(lo.lora_target_modules)
     init = lo.init_lora_weights
     if init in LORA_INITS_REFUSED:
         raise ConfigError(
@@ -1071,6 +1070,12 @@ def validate_lora_variant(cfg: Config) -> None:
         raise ConfigError(f"--init_lora_weights orthogonal needs an even --lora_r, got {lo.lora_r}")
     if lo.loraplus_lr_ratio is not None and lo.loraplus_lr_ratio <= 0:
         raise ConfigError(f"--loraplus_lr_ratio must be > 0 (LoRA+ suggests 2 to 16), got {lo.loraplus_lr_ratio}")
+
+
+def check_all_linear_alone(targets: Sequence[str]) -> None:
+    """``all-linear`` selects every linear layer: naming others beside it is a ConfigError."""
+    if "all-linear" in targets and len(targets) > 1:
+        raise ConfigError("--lora_target_modules all-linear already takes every linear layer; give it alone")
 
 
 def mutates_base_weights(init_lora_weights: str) -> bool:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dialogsum.config import check_all_linear_alone
 from dialogsum.errors import UserError
 from dialogsum.files import describe_value, read_json_object
 
@@ -203,8 +204,7 @@ def check_lora_targets(targets: list[str] | tuple[str, ...]) -> None:
             f"--lora_target_modules {' '.join(unknown)}: no such Linear in a T5; choose from "
             f"{', '.join(sorted(known - {'all-linear'}))} or all-linear"
         )
-    if "all-linear" in targets and len(targets) > 1:
-        raise UserError("--lora_target_modules all-linear already takes every linear layer; give it alone")
+    check_all_linear_alone(targets)
 
 
 def lora_parameters(dims: T5Dims, r: int, targets: list[str] | tuple[str, ...]) -> int:
@@ -531,7 +531,8 @@ def as_json(setup: Setup, estimates: list[Estimate]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- measuring
 
 
-def _rss_bytes() -> int:
+def resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``), bytes."""
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -599,18 +600,18 @@ def measure(model_dir: str, setup: Setup, steps: int = 3) -> dict[str, int]:
     values = {"output_dir": "unused", "optim": setup.optim, "lora_r": setup.lora_r}
     values["lora_target_modules"] = list(setup.lora_targets)
     cfg = build_config(setup.method, values)
-    baseline, peak, running = _rss_bytes(), [0], [True]
+    baseline, peak, running = resident_bytes(), [0], [True]
 
     def sample() -> None:
         while running[0]:
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], resident_bytes())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
         model = use_fast_layers(model_from_config(model_dir))
-        model_bytes = _rss_bytes() - baseline
+        model_bytes = resident_bytes() - baseline
         if setup.method == "lora":
             model = apply_lora(model, cfg.lora, setup.gradient_checkpointing)
         if setup.gradient_checkpointing:

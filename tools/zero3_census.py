@@ -21,15 +21,10 @@ from typing import Any
 
 import torch
 
+from dialogsum.memory import resident_bytes
+
 CENSUS_MIN_BYTES = 64 * 2**20
 GIB = 2**30
-
-
-def resident_gib() -> float:
-    """This process's resident memory (VmRSS), GiB."""
-    with open("/proc/self/status") as fh:
-        line = next(x for x in fh if x.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024 / GIB
 
 
 def gathered_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -87,7 +82,8 @@ def census() -> list[tuple[int, tuple[int, ...], str, list[str]]]:
 def report(accelerator: Any, where: str) -> None:
     """Print rank 0's resident memory and gathered parameters at ``where``."""
     gathered, total = gathered_parameters(accelerator._models[0])
-    print(f"{where}: resident {resident_gib():.2f} GiB, gathered {gathered:,} of {total:,} parameters", flush=True)
+    resident = resident_bytes() / GIB
+    print(f"{where}: resident {resident:.2f} GiB, gathered {gathered:,} of {total:,} parameters", flush=True)
 
 
 def instrument() -> None:
